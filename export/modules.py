@@ -1,0 +1,234 @@
+"""Tensor-only wrappers of the three networks: exactly what each ONNX graph computes.
+
+The diffusers transformer takes Python lists, pads captions with Python loops and applies RoPE with complex
+numbers; neither ONNX exporter handles that. `DiTForExport` is the same function for batch 1 and one branch
+(guidance 0) written with tensors alone:
+
+    latents [1,16,h,w] f32, timestep [1] f32 (= 1 - sigma), cap_feats [1,Lpad,C] f32, cap_len [1] i64
+        -> velocity [1,16,h,w] f32 (the transformer's output; the pipeline negates it)
+
+Lpad is the caption length padded to a multiple of 32 (the only dynamic size); rows at and after cap_len are
+replaced by the learned pad token, as the reference does, and are attended like any other token. The image
+size is fixed when the wrapper is built. RoPE uses cos/sin tables computed exactly as the reference builds its
+complex table (float64 angles, cast to float32, torch.polar) and rotates interleaved pairs in float32.
+
+All three wrappers take and return float32 (ids: int64) whatever their internal precision, so every backend
+and the runtime share one set of buffer types.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SEQ_MULTIPLE = 32  # captions and image tokens are padded to this multiple (diffusers SEQ_MULTI_OF)
+MAX_CAPTION_TOKENS = 512  # the pipeline's max_sequence_length
+
+
+def padded_caption_length(n_tokens: int) -> int:
+    return -(-n_tokens // SEQ_MULTIPLE) * SEQ_MULTIPLE
+
+
+def rope_tables(axes_dims, axes_lens, theta: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per axis, (cos, sin) of shape [len, dim/2] in float32, equal to the reference's complex64 table."""
+    tables = []
+    for dim, length in zip(axes_dims, axes_lens):
+        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        angles = torch.outer(torch.arange(length, dtype=torch.float64), freqs).float()
+        polar = torch.polar(torch.ones_like(angles), angles)
+        tables.append((polar.real.contiguous(), polar.imag.contiguous()))
+    return tables
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Multiply interleaved pairs (x[2i], x[2i+1]) by cos + i·sin, in float32. x: [B,S,H,D]; cos, sin: [S,D/2]."""
+    b, s, h, d = x.shape
+    pairs = x.float().unflatten(-1, (d // 2, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos = cos[None, :, None, :]
+    sin = sin[None, :, None, :]
+    out = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+class RealRopeAttnProcessor:
+    """Z-Image's single-stream attention with RoPE as a real rotation; freqs_cis is a (cos, sin) pair."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
+        heads = attn.heads
+        head_dim = hidden_states.shape[-1] // heads
+        q = attn.to_q(hidden_states).unflatten(-1, (heads, head_dim))
+        k = attn.to_k(hidden_states).unflatten(-1, (heads, head_dim))
+        v = attn.to_v(hidden_states).unflatten(-1, (heads, head_dim))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        if freqs_cis is not None:
+            cos, sin = freqs_cis
+            q = rotate_pairs(q, cos, sin)
+            k = rotate_pairs(k, cos, sin)
+        # Batch 1, one branch: every token attends every token, so no mask (the reference passes None too).
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
+        return attn.to_out[0](out)
+
+
+def use_real_rope(transformer: nn.Module) -> None:
+    """Swap every block's attention processor for the real-valued one (weights untouched)."""
+    for module in transformer.modules():
+        if module.__class__.__name__ == "ZImageTransformerBlock":
+            module.attention.set_processor(RealRopeAttnProcessor())
+
+
+class DiTForExport(nn.Module):
+    """One transformer pass for batch 1 at a fixed latent size; see the module docstring for the interface."""
+
+    input_names = ("latents", "timestep", "cap_feats", "cap_len")
+    output_names = ("velocity",)
+
+    def __init__(
+        self, transformer: nn.Module, latent_height: int, latent_width: int, dtype=torch.float32, inplace=False
+    ):
+        super().__init__()
+        cfg = transformer.config
+        patch = cfg.all_patch_size[0]
+        if latent_height % patch or latent_width % patch:
+            raise ValueError(f"latent size {latent_height}x{latent_width} is not a multiple of the patch {patch}")
+        # By default work on a copy, so the caller's module (often the reference itself) keeps its processors
+        # and dtype; `inplace` adopts the module instead (it saves a copy of 6 B parameters).
+        self.transformer = transformer if inplace else copy.deepcopy(transformer)
+        use_real_rope(self.transformer)
+        nn.Module.to(self.transformer, dtype)  # ModelMixin.to warns about fp32 modules we handle below
+        # diffusers marks these two precision-sensitive; they are small, so they stay in float32.
+        self.transformer.t_embedder.float()
+        self.transformer.cap_embedder.float()
+        self.dtype = dtype
+        self.patch = patch
+        self.channels = cfg.in_channels
+        self.h_tokens, self.w_tokens = latent_height // patch, latent_width // patch
+        self.image_tokens = self.h_tokens * self.w_tokens
+        self.image_pad = (-self.image_tokens) % SEQ_MULTIPLE
+        self.t_scale = float(cfg.t_scale)
+
+        (cos_t, sin_t), (cos_h, sin_h), (cos_w, sin_w) = rope_tables(cfg.axes_dims, cfg.axes_lens, cfg.rope_theta)
+        self.register_buffer("cos_t", cos_t, persistent=False)
+        self.register_buffer("sin_t", sin_t, persistent=False)
+        # Image tokens sit at (Lpad + 1, h, w); only the first axis depends on the caption, so the h/w part is a
+        # constant. Image pad tokens (when h*w is not a multiple of 32) sit at (0, 0, 0).
+        hh = torch.arange(self.h_tokens).repeat_interleave(self.w_tokens)
+        ww = torch.arange(self.w_tokens).repeat(self.h_tokens)
+        hh = torch.cat([hh, torch.zeros(self.image_pad, dtype=torch.long)])
+        ww = torch.cat([ww, torch.zeros(self.image_pad, dtype=torch.long)])
+        self.register_buffer("cos_hw", torch.cat([cos_h[hh], cos_w[ww]], dim=-1), persistent=False)
+        self.register_buffer("sin_hw", torch.cat([sin_h[hh], sin_w[ww]], dim=-1), persistent=False)
+        # Captions sit at (1..Lpad, 0, 0).
+        self.register_buffer("cos_hw0", torch.cat([cos_h[0], cos_w[0]]), persistent=False)
+        self.register_buffer("sin_hw0", torch.cat([sin_h[0], sin_w[0]]), persistent=False)
+
+    def _rope(self, lpad):
+        n_img, n_pad = self.image_tokens, self.image_pad
+        t_dim = self.cos_t.shape[1]
+
+        def image(table_t, table_hw):
+            first = table_t[lpad + 1].expand(n_img, t_dim)
+            if n_pad:
+                first = torch.cat([first, table_t[0].expand(n_pad, t_dim)])
+            return torch.cat([first, table_hw], dim=-1)
+
+        def caption(table_t, table_hw0):
+            return torch.cat([table_t[1 : lpad + 1], table_hw0.expand(lpad, table_hw0.shape[0])], dim=-1)
+
+        img = (image(self.cos_t, self.cos_hw), image(self.sin_t, self.sin_hw))
+        cap = (caption(self.cos_t, self.cos_hw0), caption(self.sin_t, self.sin_hw0))
+        return img, cap
+
+    def patchify(self, latents: torch.Tensor) -> torch.Tensor:
+        """[1, C, h, w] -> [h/p * w/p, p*p*C], token order (h, w), features (ph, pw, C) as the reference."""
+        p, c = self.patch, self.channels
+        x = latents[0].view(c, self.h_tokens, p, self.w_tokens, p)
+        return x.permute(1, 3, 2, 4, 0).reshape(self.image_tokens, p * p * c)
+
+    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
+        p, c = self.patch, self.channels
+        x = tokens.view(self.h_tokens, self.w_tokens, p, p, c).permute(4, 0, 2, 1, 3)
+        return x.reshape(1, c, self.h_tokens * p, self.w_tokens * p)
+
+    def forward(self, latents, timestep, cap_feats, cap_len):
+        tr = self.transformer
+        key = f"{self.patch}-1"
+        lpad = cap_feats.shape[1]
+        (img_cos, img_sin), (cap_cos, cap_sin) = self._rope(lpad)
+
+        adaln = tr.t_embedder(timestep * self.t_scale).to(self.dtype)
+
+        x = tr.all_x_embedder[key](self.patchify(latents.to(self.dtype)))
+        if self.image_pad:
+            x = torch.cat([x, tr.x_pad_token.to(x.dtype).expand(self.image_pad, x.shape[1])])
+        x = x[None]
+        for layer in tr.noise_refiner:
+            x = layer(x, None, (img_cos, img_sin), adaln)
+
+        cap = tr.cap_embedder(cap_feats).to(self.dtype)
+        is_pad = torch.arange(lpad, device=cap.device)[None, :, None] >= cap_len.view(1, 1, 1)
+        cap = torch.where(is_pad, tr.cap_pad_token.to(cap.dtype), cap)
+        for layer in tr.context_refiner:
+            cap = layer(cap, None, (cap_cos, cap_sin))
+
+        unified = torch.cat([x, cap], dim=1)
+        cos = torch.cat([img_cos, cap_cos])
+        sin = torch.cat([img_sin, cap_sin])
+        for layer in tr.layers:
+            unified = layer(unified, None, (cos, sin), adaln)
+        unified = tr.all_final_layer[key](unified, c=adaln)
+        return self.unpatchify(unified[0, : self.image_tokens]).float()
+
+
+class TextEncoderForExport(nn.Module):
+    """Qwen3 cut to what `hidden_states[-2]` needs: all layers but the last, and no final norm.
+
+    input_ids [1, L] i64 (the prompt's tokens, unpadded) -> features [1, L, hidden] f32. Attention is causal
+    and the prompt is right-padded in the reference, so the unpadded run gives the same rows.
+    """
+
+    input_names = ("input_ids",)
+    output_names = ("features",)
+
+    def __init__(self, qwen3_model: nn.Module, dtype=torch.float32):
+        super().__init__()
+        model = copy.copy(qwen3_model)  # shallow: shares the weights, gets its own module table and config
+        model._modules = dict(qwen3_model._modules)
+        model.layers = nn.ModuleList(list(qwen3_model.layers)[:-1])
+        model.norm = nn.Identity()
+        model.config = copy.deepcopy(qwen3_model.config)
+        model.config.num_hidden_layers -= 1
+        self.model = copy.deepcopy(model).to(dtype) if dtype != qwen3_model.dtype else model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids, use_cache=False).last_hidden_state.float()
+
+
+class VaeDecoderForExport(nn.Module):
+    """Latents [1,16,h,w] f32 -> image [1,3,8h,8w] f32 in [0, 1].
+
+    The scaling and shift (latents / 0.3611 + 0.1159) and the [-1,1] -> [0,1] map are in the graph, in the
+    order the reference pipeline applies them: cast to the VAE's precision first, then scale.
+    """
+
+    input_names = ("latents",)
+    output_names = ("image",)
+
+    def __init__(self, vae: nn.Module, dtype=torch.float32):
+        super().__init__()
+        self.vae = copy.deepcopy(vae).to(dtype) if dtype != vae.dtype else vae
+        self.dtype = dtype
+        self.scaling = float(vae.config.scaling_factor)
+        self.shift = float(vae.config.shift_factor)
+
+    def forward(self, latents):
+        z = latents.to(self.dtype) / self.scaling + self.shift
+        image = self.vae.decode(z, return_dict=False)[0]
+        return (image / 2 + 0.5).clamp(0, 1).float()

@@ -1,0 +1,128 @@
+"""PyTorch module -> ONNX file, checked against the module as it is written.
+
+The dynamo exporter (`torch.onnx.export(..., dynamo=True)`) is the one that handles all three networks (the
+TorchScript one fails on Qwen3's SDPA with GQA). At opset 23 it emits ONNX `Attention` and
+`RMSNormalization`, which keeps attention fused in TensorRT and TensorRT-RTX (parsed as IAttention) and runs
+in onnxruntime. The exporter's optimizer folds constants and removes dead nodes; weights over 2 GB go to one
+external-data file beside the graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from zimage_trt.errors import UserError
+
+DEFAULT_OPSET = 23
+TWO_GB = 2 * 1024**3
+
+# max|onnx - reference| / max|reference| allowed by the self-check, per graph precision. The reference is the
+# module in float32, so the fp16/bf16 bounds include the rounding of the lower precision itself.
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
+
+
+@dataclass
+class CheckResult:
+    name: str
+    precision: str
+    max_abs: float
+    rel: float
+    tolerance: float
+    provider: str
+    skipped: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.skipped) or (np.isfinite(self.rel) and self.rel <= self.tolerance)
+
+    def line(self) -> str:
+        if self.skipped:
+            return f"{self.name:<13} {self.precision:<5} not checked: {self.skipped}"
+        verdict = "ok" if self.ok else "FAIL"
+        return (
+            f"{self.name:<13} {self.precision:<5} max|err| {self.max_abs:.3e}  rel {self.rel:.3e}"
+            f"  (bound {self.tolerance:.0e}, {self.provider})  {verdict}"
+        )
+
+
+def export_onnx(module, inputs: tuple, path: Path, dynamic_shapes: dict | None, opset: int = DEFAULT_OPSET) -> Path:
+    """Export `module(*inputs)` to `path`; the graph's I/O names are the module's input_names/output_names."""
+    module.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    # The exporter logs every decomposition it tries; keep the user's terminal for the progress bar.
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module,
+                inputs,
+                dynamo=True,
+                opset_version=opset,
+                dynamic_shapes=dynamic_shapes,
+                input_names=list(module.input_names),
+                output_names=list(module.output_names),
+                optimize=True,
+                verbose=False,
+            )
+            program.save(str(path), external_data=n_bytes > TWO_GB)
+    finally:
+        quiet.setLevel(level)
+    return path
+
+
+def graph_io(path: Path) -> dict:
+    """Names, ONNX element types and shapes (str for dynamic dims) of a graph's inputs and outputs."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def describe(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims})
+        return out
+
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
+
+
+def check_onnx(name: str, path: Path, reference, inputs: tuple, precision: str, providers=None) -> CheckResult:
+    """Run the graph with onnxruntime on `inputs` and compare with `reference(*inputs)` (a float32 module)."""
+    import onnxruntime as ort
+
+    providers = providers or ["CPUExecutionProvider"]
+    tol = TOLERANCE[precision]
+    if precision == "bf16" and providers == ["CPUExecutionProvider"]:
+        return CheckResult(name, precision, 0.0, 0.0, tol, providers[0], "onnxruntime's CPU provider has no BF16 kernels")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=providers)
+    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs)}
+    got = session.run(None, feeds)[0]
+    with torch.no_grad():
+        want = reference(*inputs).detach().float().cpu().numpy()
+    if got.shape != want.shape:
+        raise RuntimeError(f"{name}: ONNX output shape {got.shape} != PyTorch {want.shape}")
+    max_abs = float(np.abs(got.astype(np.float64) - want).max())
+    rel = max_abs / max(float(np.abs(want).max()), 1e-30)
+    if not np.isfinite(got).all():
+        max_abs = rel = float("inf")
+    return CheckResult(name, precision, max_abs, rel, tol, providers[0])
+
+
+def require_ok(result: CheckResult) -> None:
+    if not result.ok:
+        raise UserError(f"export check failed: {result.line()}")

@@ -1,0 +1,60 @@
+"""onnxruntime backend: the bundle's ONNX graphs, bound to the caller's torch tensors with IOBinding."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from zimage_trt.errors import UserError, require
+
+from .session import check_io
+
+_NP = {torch.float32: np.float32, torch.int64: np.int64, torch.float16: np.float16, torch.int32: np.int32}
+
+
+class OrtSession:
+    capturable = False  # onnxruntime runs on its own streams
+
+    def __init__(self, name: str, path, precision: str, device: torch.device, threads: int = 0):
+        ort = require("onnxruntime", "pip install onnxruntime  (or onnxruntime-gpu for CUDA)")
+        self.name, self.device = name, device
+        if device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise UserError(
+                    "onnxruntime here has no CUDA provider; install onnxruntime-gpu, or run with --device cpu"
+                )
+            providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+            self.ort_device = ("cuda", device.index or 0)
+        else:
+            if precision == "bf16":
+                raise UserError(
+                    f"{name} is a BF16 graph and onnxruntime's CPU provider has no BF16 kernels;"
+                    " re-export with fp32 for this network (e.g. --vae-precision fp32) or use another backend"
+                )
+            providers = ["CPUExecutionProvider"]
+            self.ort_device = ("cpu", 0)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.binding = self.session.io_binding()
+
+    def _bind(self, bind, name: str, t: torch.Tensor) -> None:
+        bind(name, self.ort_device[0], self.ort_device[1], _NP[t.dtype], tuple(t.shape), t.data_ptr())
+
+    def run(self, inputs, outputs) -> None:
+        check_io(self.name, inputs, self.input_names)
+        check_io(self.name, outputs, self.output_names)
+        b = self.binding
+        b.clear_binding_inputs()
+        b.clear_binding_outputs()
+        for n in self.input_names:
+            self._bind(b.bind_input, n, inputs[n])
+        for n in self.output_names:
+            self._bind(b.bind_output, n, outputs[n])
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # onnxruntime does not wait on torch's stream
+        self.session.run_with_iobinding(b)

@@ -1,0 +1,31 @@
+"""The one interface every backend implements: a network you run on buffers you own.
+
+A Session runs one network. `run(inputs, outputs)` reads the caller's input tensors and writes the caller's
+output tensors in place; it allocates nothing the caller must keep and, on a GPU, only enqueues work on the
+current CUDA stream (no host sync), so a loop of runs can be recorded in a CUDA graph when `capturable` is
+true. Tensors are torch tensors on the session's device; I/O dtypes are float32 and int64 (ids, lengths)
+whatever the network's internal precision.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class Session(Protocol):
+    name: str
+    device: torch.device
+    capturable: bool
+
+    def run(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None: ...
+
+
+def check_io(name: str, tensors: dict[str, torch.Tensor], expected: list[str]) -> None:
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        raise ValueError(f"{name}: missing tensors {missing}; expected {expected}")
+    for n in expected:
+        if not tensors[n].is_contiguous():
+            raise ValueError(f"{name}: tensor '{n}' must be contiguous")

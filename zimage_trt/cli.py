@@ -1,0 +1,284 @@
+"""`zimage-trt`: the one command. Each subcommand is a small function; heavy imports happen inside it.
+
+Errors a user can fix print as one line (`error: ...`) with exit status 2; anything else is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from zimage_trt.errors import UserError
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def _quiet_libraries() -> None:
+    # Local folders only, and no library chatter over our own progress bars.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+# ------------------------------------------------------------------------------------------ make-tiny
+def cmd_make_tiny(args) -> None:
+    from zimage_trt.export.tiny import make_tiny
+
+    try:
+        out = make_tiny(args.dir, seed=args.seed)
+    except FileExistsError as exc:
+        raise UserError(str(exc)) from None
+    print(f"wrote a tiny random Z-Image-Turbo (seed {args.seed}) to {out}")
+
+
+# ------------------------------------------------------------------------------------------ export
+def _precisions(args) -> dict:
+    from zimage_trt.export.bundle import DEFAULT_PRECISION
+
+    prec = dict(DEFAULT_PRECISION)
+    if args.precision:
+        prec = {"text_encoder": args.precision, "transformer": args.precision, "vae_decoder": args.precision}
+        if args.precision == "fp16":
+            prec["vae_decoder"] = DEFAULT_PRECISION["vae_decoder"]  # the VAE never runs in fp16
+    for key, value in (
+        ("text_encoder", args.text_encoder_precision),
+        ("transformer", args.dit_precision),
+        ("vae_decoder", args.vae_precision),
+    ):
+        if value:
+            prec[key] = value
+    return prec
+
+
+def _load_scales(path):
+    import json
+
+    if path is None:
+        return None
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"--fp16-scales {path}: no such file") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--fp16-scales {path} is not valid JSON ({exc})") from None
+    return data.get("networks", {}).get("transformer", {}).get("fp16_scales", data)
+
+
+def _read_prompts(path):
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--calibration-prompts {path}: no such file")
+    prompts = [line.strip() for line in p.read_text("utf-8").splitlines() if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise UserError(f"--calibration-prompts {path} holds no prompts")
+    return prompts
+
+
+def cmd_export(args) -> None:
+    from zimage_trt.export.bundle import ExportOptions, export_bundle
+
+    opts = ExportOptions(
+        height=args.height,
+        width=args.width,
+        precision=_precisions(args),
+        opset=args.opset,
+        device=args.device,
+        check=args.check,
+        fp16_scales=_load_scales(args.fp16_scales),
+        calibration_prompts=_read_prompts(args.calibration_prompts),
+        force=args.force,
+    )
+    start = time.perf_counter()
+    manifest = export_bundle(args.model, args.out, opts)
+    print(f"bundle written to {args.out} in {time.perf_counter() - start:.1f} s")
+    for check in manifest["checks"]:
+        from zimage_trt.export.onnx_export import CheckResult
+
+        print("  " + CheckResult(**check).line())
+
+
+# ------------------------------------------------------------------------------------------ generate
+def _sessions(args, bundle):
+    from zimage_trt.sessions import open_sessions, resolve_device
+
+    device = resolve_device(args.device)
+    sessions = open_sessions(
+        args.backend,
+        bundle,
+        device,
+        model_dir=getattr(args, "model", None),
+        engines=getattr(args, "engines", None),
+        torch_dtype=getattr(args, "torch_dtype", "fp32"),
+    )
+    return sessions, device
+
+
+def cmd_generate(args) -> None:
+    from zimage_trt.runtime.bundle import Bundle
+    from zimage_trt.runtime.pipeline import ZImageRuntime, save_png
+
+    bundle = Bundle.open(args.bundle)
+    sessions, device = _sessions(args, bundle)
+    rt = ZImageRuntime(bundle, sessions, device, steps=args.steps, generator_device=args.generator_device)
+    start = time.perf_counter()
+    pixels = rt.generate(args.prompt, args.seed)
+    elapsed = time.perf_counter() - start
+    save_png(pixels, args.out)
+    print(f"{args.out}: {bundle.width}x{bundle.height}, {rt.schedule.passes} passes, {args.backend}, {elapsed:.2f} s")
+
+
+# ------------------------------------------------------------------------------------------ parity
+def cmd_parity(args) -> None:
+    from zimage_trt.parity import format_table, run_parity
+    from zimage_trt.runtime.bundle import Bundle
+
+    bundle = Bundle.open(args.bundle)
+    backend = "tensorrt" if args.engines else args.backend
+    args.backend = backend
+    sessions, device = _sessions(args, bundle)
+    rows = run_parity(args.model, bundle, sessions, backend, args.prompt, args.seed, device)
+    print(format_table(rows))
+    if not all(r.ok for r in rows):
+        raise UserError("parity failed: a stage is outside its bound (see the table)")
+
+
+# ------------------------------------------------------------------------------------------ demo
+def cmd_demo(args) -> None:
+    import shutil
+
+    from zimage_trt.export.bundle import ExportOptions, export_bundle
+    from zimage_trt.export.tiny import make_tiny
+    from zimage_trt.parity import format_table, run_parity
+    from zimage_trt.runtime.bundle import Bundle
+    from zimage_trt.runtime.pipeline import ZImageRuntime, save_png
+    from zimage_trt.sessions import open_sessions, resolve_device
+
+    work = Path(args.workdir)
+    model, bundle_dir, png = work / "tiny-model", work / "tiny-bundle", work / "demo.png"
+    start = time.perf_counter()
+    print(f"[1/4] tiny model -> {model}")
+    shutil.rmtree(model, ignore_errors=True)
+    make_tiny(model, seed=args.seed)
+    print(f"[2/4] export ({args.size}x{args.size}, fp32) -> {bundle_dir}")
+    opts = ExportOptions(height=args.size, width=args.size, precision=dict.fromkeys(
+        ("text_encoder", "transformer", "vae_decoder"), "fp32"), force=True)
+    export_bundle(model, bundle_dir, opts)
+    bundle = Bundle.open(bundle_dir)
+    device = resolve_device("cpu")
+    sessions = open_sessions("onnxruntime", bundle, device)
+    print(f"[3/4] generate with onnxruntime -> {png}")
+    rt = ZImageRuntime(bundle, sessions, device)
+    t0 = time.perf_counter()
+    save_png(rt.generate(args.prompt, args.seed), png)
+    print(f"      {rt.schedule.passes} transformer passes in {time.perf_counter() - t0:.2f} s")
+    print("[4/4] parity against eager PyTorch and diffusers' ZImagePipeline")
+    rows = run_parity(model, bundle, sessions, "onnxruntime", args.prompt, args.seed, device)
+    print(format_table(rows))
+    print(f"demo finished in {time.perf_counter() - start:.0f} s; image: {png}")
+    if not all(r.ok for r in rows):
+        raise UserError("parity failed: a stage is outside its bound (see the table)")
+
+
+# ------------------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zimage-trt",
+        description="Z-Image-Turbo on TensorRT: export to ONNX, build engines per GPU, generate, check parity.",
+        epilog="Typical flow: export --model DIR --out BUNDLE; build --bundle BUNDLE --out ENGINES; "
+        "generate --bundle BUNDLE --engines ENGINES --backend tensorrt --prompt TEXT --out IMG.png",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("make-tiny", help="write a tiny random Z-Image-Turbo (real architecture) to a folder")
+    p.add_argument("dir", help="output folder (must be empty or absent)")
+    p.add_argument("--seed", type=int, default=0, help="weights and all else are a function of this (default 0)")
+    p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser(
+        "export",
+        help="export a diffusers-format model to an ONNX bundle",
+        description="Export text encoder, transformer and VAE decoder to ONNX (batch 1, one branch, the given "
+        "resolution), check each graph with onnxruntime, and write a self-contained bundle.",
+    )
+    p.add_argument("--model", required=True, help="diffusers-format folder, e.g. a download of Tongyi-MAI/Z-Image-Turbo")
+    p.add_argument("--out", required=True, help="bundle folder to create")
+    p.add_argument("--height", type=int, default=1024, help="image height in pixels, multiple of 16 (default 1024)")
+    p.add_argument("--width", type=int, default=1024, help="image width in pixels, multiple of 16 (default 1024)")
+    p.add_argument("--precision", choices=PRECISIONS, help="one precision for all networks (the VAE is never fp16)")
+    p.add_argument("--dit-precision", choices=PRECISIONS, help="transformer precision (default fp16)")
+    p.add_argument("--text-encoder-precision", choices=PRECISIONS, help="text encoder precision (default fp16)")
+    p.add_argument("--vae-precision", choices=("bf16", "fp32"), help="VAE decoder precision (default bf16)")
+    p.add_argument("--device", default="cpu", help="where to load and trace the model: cpu or cuda (default cpu)")
+    p.add_argument("--opset", type=int, default=23, help="ONNX opset (default 23: fused Attention, RMSNormalization)")
+    p.add_argument("--check", default="auto", choices=("auto", "always", "never"),
+                   help="check each graph with onnxruntime; auto skips graphs too large for a CPU (default auto)")
+    p.add_argument("--fp16-scales", help="JSON of FP16 rescale factors (or a bundle manifest) instead of calibrating")
+    p.add_argument("--calibration-prompts", help="text file, one prompt a line, for FP16 calibration")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_export)
+
+    def runtime_args(p, need_out: bool):
+        p.add_argument("--bundle", required=True, help="bundle folder made by `zimage-trt export`")
+        p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"),
+                       help="onnxruntime (default), torch (eager reference, needs --model), tensorrt (needs --engines)")
+        p.add_argument("--model", help="original model folder (for --backend torch)")
+        p.add_argument("--engines", help="engine folder made by `zimage-trt build` (for --backend tensorrt)")
+        p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if present)")
+        p.add_argument("--torch-dtype", default="fp32", choices=PRECISIONS, help="precision of --backend torch")
+
+    p = sub.add_parser("generate", help="generate one image from a prompt",
+                       description="Run the lean runtime: tokenizer, text encoder, 9 transformer passes, VAE.")
+    runtime_args(p, True)
+    p.add_argument("--prompt", required=True, help="the text prompt")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--steps", type=int, default=None, help="number of steps (default: the bundle's, 9)")
+    p.add_argument("--generator-device", default="cpu", choices=("cpu", "cuda"),
+                   help="where the initial noise is drawn; diffusers gives the same image for the same choice")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("parity", help="compare every stage of a backend with eager PyTorch and diffusers",
+                       description="Per-network errors against the float32 reference modules and the image's PSNR "
+                       "against diffusers' ZImagePipeline, as a table. Exit 2 if a stage is out of bounds.")
+    runtime_args(p, False)
+    p.set_defaults(model=None)
+    p.add_argument("--prompt", default="A photograph of a red fox sitting in fresh snow at sunrise")
+    p.add_argument("--seed", type=int, default=42)
+    p.set_defaults(func=cmd_parity)
+
+    p = sub.add_parser("demo", help="tiny model -> export -> generate -> parity, on a CPU in about a minute")
+    p.add_argument("--workdir", default="zimage-demo", help="folder for the model, bundle and image (default ./zimage-demo)")
+    p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    p.add_argument("--prompt", default="A photograph of a red fox sitting in fresh snow at sunrise")
+    p.add_argument("--seed", type=int, default=42)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    _quiet_libraries()
+    args = build_parser().parse_args(argv)
+    if args.command == "parity" and args.model is None:
+        print("error: parity needs --model DIR (the original model, for the reference)", file=sys.stderr)
+        return 2
+    try:
+        args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

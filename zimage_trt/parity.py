@@ -1,0 +1,140 @@
+"""`zimage-trt parity`: every stage of a backend against eager PyTorch, and the image against diffusers.
+
+Per network, the backend's session and the float32 reference module get the same real inputs (the prompt's
+ids, its caption features, the first step's latents, the last step's latents) and the table shows
+max|err| and max|err| / max|ref|. End to end, the runtime's image on that backend is compared with the image
+of diffusers' `ZImagePipeline(..., num_inference_steps=9, guidance_scale=0.0)` for the same prompt and seed,
+as PSNR in dB over 8-bit pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# max|err| / max|ref| per network precision (reference: float32 eager modules).
+NETWORK_BOUND = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 6e-2}
+# PSNR of the 8-bit image against diffusers' fp32 image: fp32 graphs must be near-identical; reduced precision
+# runs through 9 steps of a random model (the tiny model's dynamics amplify rounding more than real weights).
+IMAGE_BOUND_DB = {"fp32": 40.0, "fp16": 25.0, "bf16": 20.0}
+
+
+@dataclass
+class Row:
+    stage: str
+    backend: str
+    precision: str
+    max_abs: float
+    rel: float
+    bound: float
+    psnr: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        if self.psnr is not None:
+            return self.psnr >= self.bound
+        return bool(np.isfinite(self.rel)) and self.rel <= self.bound
+
+    def cells(self) -> list[str]:
+        if self.psnr is not None:
+            metric = f"PSNR {self.psnr:6.2f} dB"
+            bound = f">= {self.bound:.0f} dB"
+        else:
+            metric = f"rel {self.rel:.2e}"
+            bound = f"<= {self.bound:.0e}"
+        return [self.stage, self.backend, self.precision, f"{self.max_abs:.3e}", metric, bound, "ok" if self.ok else "FAIL"]
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def format_table(rows: list[Row]) -> str:
+    head = ["stage", "backend", "precision", "max|err|", "error", "bound", "verdict"]
+    cells = [head] + [r.cells() for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    lines = ["  ".join(c[i].ljust(widths[i]) for i in range(len(head))) for c in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _compare(stage, backend, precision, got: torch.Tensor, want: torch.Tensor) -> Row:
+    got, want = got.detach().float().cpu(), want.detach().float().cpu()
+    max_abs = float((got - want).abs().max())
+    rel = max_abs / max(float(want.abs().max()), 1e-30)
+    if not torch.isfinite(got).all():
+        max_abs = rel = float("inf")
+    return Row(stage, backend, precision, max_abs, rel, NETWORK_BOUND[precision])
+
+
+def reference_image(model_dir, prompt: str, seed: int, height: int, width: int, steps: int = 9) -> np.ndarray:
+    """diffusers' ZImagePipeline in float32 on the CPU, as 8-bit HxWx3."""
+    from zimage_trt.export.checkpoint import load_pipeline
+
+    pipe = load_pipeline(model_dir, torch.float32, "cpu")
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    image = pipe(
+        prompt,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=0.0,
+        generator=generator,
+        output_type="np",
+    ).images[0]
+    return (image * 255).round().astype(np.uint8)
+
+
+def run_parity(model_dir, bundle, sessions: dict, backend: str, prompt: str, seed: int, device="cpu") -> list[Row]:
+    """Rows for each network of `sessions` and for the end-to-end image."""
+    from zimage_trt.export.reference import reference_modules
+    from zimage_trt.runtime.pipeline import ZImageRuntime
+    from zimage_trt.runtime.torch_session import TorchSession
+
+    device = torch.device(device)
+    refs = reference_modules(model_dir, bundle.height, bundle.width, torch.float32, "cpu")
+    ref_rt = ZImageRuntime(bundle, {n: TorchSession(n, m, torch.device("cpu")) for n, m in refs.items()}, "cpu")
+    rt = ZImageRuntime(bundle, sessions, device)
+    prec = {n: bundle.network(n)["precision"] for n in sessions}
+    rows = []
+
+    # Inputs captured from the reference run: real ids, features and latents rather than noise.
+    ids = ref_rt.tokenize(prompt)
+    lpad = ref_rt.encode_prompt(ids)
+    ref_rt.init_latents(seed)
+    first_latents = ref_rt.latents.clone()
+    ref_rt.denoise(lpad)
+    last_latents = ref_rt.latents.clone()
+
+    rt.ids[0, : len(ids)] = torch.tensor(ids)
+    feats = torch.empty(1, len(ids), bundle.caption_dim, device=device)
+    sessions["text_encoder"].run({"input_ids": rt.ids[:, : len(ids)]}, {"features": feats})
+    rows.append(_compare("text_encoder", backend, prec["text_encoder"], feats, ref_rt.caption[:, : len(ids)]))
+
+    dit_in = {
+        "latents": first_latents.to(device),
+        "timestep": torch.tensor([float(ref_rt.schedule.model_t[0])], device=device),
+        "cap_feats": ref_rt.caption[:, :lpad].contiguous().to(device),
+        "cap_len": torch.tensor([len(ids)], device=device),
+    }
+    got = torch.empty(bundle.latent_shape, device=device)
+    sessions["transformer"].run(dit_in, {"velocity": got})
+    want = refs["transformer"](*(dit_in[n].cpu() for n in refs["transformer"].input_names))
+    rows.append(_compare("transformer", backend, prec["transformer"], got, want))
+
+    image = torch.empty(1, 3, bundle.height, bundle.width, device=device)
+    sessions["vae_decoder"].run({"latents": last_latents.to(device)}, {"image": image})
+    with torch.no_grad():
+        want = refs["vae_decoder"](last_latents)
+    rows.append(_compare("vae_decoder", backend, prec["vae_decoder"], image, want))
+
+    ours = rt.generate(prompt, seed)
+    theirs = reference_image(model_dir, prompt, seed, bundle.height, bundle.width, len(rt.schedule.timesteps))
+    worst = min(prec.values(), key=IMAGE_BOUND_DB.get)  # the image is held to its least precise network
+    diff = float(np.abs(ours.astype(np.int32) - theirs.astype(np.int32)).max())
+    rows.append(Row("image (9 steps)", backend, worst, diff, diff / 255, IMAGE_BOUND_DB[worst], psnr(ours, theirs)))
+    return rows

@@ -1,0 +1,54 @@
+"""Open the three sessions of a bundle on one backend: the switch between backends lives here, once.
+
+    onnxruntime   the bundle's ONNX graphs (CPU here; CUDA with onnxruntime-gpu)
+    torch         the eager reference modules, built from the original model directory (needs diffusers)
+    tensorrt      engines built by `zimage-trt build` (TensorRT or TensorRT-RTX, per the engines' sidecars)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zimage_trt.errors import UserError
+from zimage_trt.runtime.bundle import NETWORKS, Bundle
+
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: PyTorch sees no CUDA GPU here; use --device cpu")
+    return dev
+
+
+def open_sessions(
+    backend: str,
+    bundle: Bundle,
+    device: torch.device,
+    model_dir=None,
+    engines=None,
+    torch_dtype: str = "fp32",
+) -> dict:
+    if backend == "onnxruntime":
+        from zimage_trt.runtime.ort_session import OrtSession
+
+        return {n: OrtSession(n, bundle.onnx_path(n), bundle.network(n)["precision"], device) for n in NETWORKS}
+    if backend == "torch":
+        if model_dir is None:
+            raise UserError("--backend torch runs the eager reference modules and needs --model DIR (the original model)")
+        from zimage_trt.export.reference import reference_modules
+        from zimage_trt.runtime.torch_session import TorchSession
+
+        mods = reference_modules(model_dir, bundle.height, bundle.width, TORCH_DTYPES[torch_dtype], device)
+        return {n: TorchSession(n, m, device) for n, m in mods.items()}
+    if backend == "tensorrt":
+        if engines is None:
+            raise UserError("--backend tensorrt needs --engines DIR (made by `zimage-trt build`)")
+        from zimage_trt.runtime.trt_session import open_engine_sessions
+
+        return open_engine_sessions(bundle, engines, device)
+    raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
