@@ -54,9 +54,48 @@ def check_layout(model_dir: str | Path) -> Path:
         if not folder.is_dir():
             raise UserError(f"component '{name}' is missing: no folder {folder}")
         for alternatives in _REQUIRED[name]:
-            if not any((folder / f).is_file() for f in alternatives):
+            present = [folder / f for f in alternatives if (folder / f).is_file()]
+            if not present:
                 raise UserError(f"component '{name}' is incomplete: {folder} has no {' or '.join(alternatives)}")
+            _check_file(name, present[0])
     return root
+
+
+def _read_json(component: str, path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"component '{component}': {path.name} is not valid JSON ({exc})") from None
+
+
+def _check_safetensors(component: str, path: Path) -> None:
+    """Read the header and check the file holds every byte it promises: catches truncated downloads early."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 0 or n > size - 8:
+            raise UserError(f"component '{component}': {path.name} is not a safetensors file (truncated or corrupt)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"component '{component}': {path.name} has a corrupt safetensors header") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise UserError(f"component '{component}': {path.name} is truncated ({size} of {8 + n + end} bytes)")
+
+
+def _check_file(component: str, path: Path) -> None:
+    if path.name.endswith(".safetensors"):
+        _check_safetensors(component, path)
+    elif path.name.endswith(".index.json"):
+        index = _read_json(component, path)
+        for shard in sorted(set(index.get("weight_map", {}).values())):
+            if not (path.parent / shard).is_file():
+                raise UserError(f"component '{component}' is incomplete: shard {shard} is missing")
+            _check_safetensors(component, path.parent / shard)
+    elif path.name.endswith(".json"):
+        _read_json(component, path)
 
 
 def _load(component: str, fn):

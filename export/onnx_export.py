@@ -99,8 +99,35 @@ def graph_io(path: Path) -> dict:
     return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
 
 
+def _materialize_intermediates(path: Path, workdir: Path) -> Path:
+    """A copy of the graph whose every FP16/BF16 intermediate is also a graph output.
+
+    onnxruntime's CPU provider has few FP16 kernels; it runs a chain of FP16 nodes in FP32 and casts only at
+    the chain's ends, so an intermediate that overflows FP16 never shows. A tensor that is a graph output must
+    be produced in its declared type, which restores what a strongly typed TensorRT engine does: every tensor
+    between layers is stored in the graph's precision.
+    """
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    low = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    existing = {o.name for o in model.graph.output}
+    for value in model.graph.value_info:
+        if value.type.tensor_type.elem_type in low and value.name not in existing:
+            model.graph.output.append(value)
+    strict = workdir / path.name
+    onnx.save(model, str(strict))
+    return strict
+
+
 def check_onnx(name: str, path: Path, reference, inputs: tuple, precision: str, providers=None) -> CheckResult:
-    """Run the graph with onnxruntime on `inputs` and compare with `reference(*inputs)` (a float32 module)."""
+    """Run the graph with onnxruntime on `inputs` and compare with `reference(*inputs)` (a float32 module).
+
+    Reduced-precision graphs are run strictly (see _materialize_intermediates), so an FP16 overflow anywhere in
+    the graph reaches the result as inf/NaN instead of being hidden by onnxruntime's FP32 fallback.
+    """
+    import tempfile
+
     import onnxruntime as ort
 
     providers = providers or ["CPUExecutionProvider"]
@@ -109,9 +136,13 @@ def check_onnx(name: str, path: Path, reference, inputs: tuple, precision: str, 
         return CheckResult(name, precision, 0.0, 0.0, tol, providers[0], "onnxruntime's CPU provider has no BF16 kernels")
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=providers)
-    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs)}
-    got = session.run(None, feeds)[0]
+    # The check compares the graph as written, not onnxruntime's rewrites of it.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    with tempfile.TemporaryDirectory() as tmp:
+        run_path = path if precision == "fp32" else _materialize_intermediates(path, Path(tmp))
+        session = ort.InferenceSession(str(run_path), options, providers=providers)
+        feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs)}
+        got = session.run([session.get_outputs()[0].name], feeds)[0]
     with torch.no_grad():
         want = reference(*inputs).detach().float().cpu().numpy()
     if got.shape != want.shape:

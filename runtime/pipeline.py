@@ -33,6 +33,7 @@ class ZImageRuntime:
         steps: int | None = None,
         generator_device: str = "cpu",
         cuda_graph: bool = True,
+        sigmas: list[float] | None = None,
     ):
         self.bundle = bundle
         self.device = torch.device(device)
@@ -43,7 +44,7 @@ class ZImageRuntime:
         self.generator_device = generator_device
         sched = bundle.scheduler
         self.schedule = flow_match_schedule(
-            steps or sched["default_steps"], sched["shift"], sched["num_train_timesteps"]
+            steps or sched["default_steps"], sched["shift"], sched["num_train_timesteps"], sigmas
         )
         self.use_cuda_graph = (
             cuda_graph and self.device.type == "cuda" and getattr(self.transformer, "capturable", False)

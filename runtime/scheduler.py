@@ -28,10 +28,16 @@ class Schedule:
         return len(self.model_t)
 
 
-def flow_match_schedule(steps: int, shift: float, num_train_timesteps: int = 1000) -> Schedule:
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    base = np.array(torch.linspace(1.0, 1.0 / steps, steps).tolist()).astype(np.float32)
+def flow_match_schedule(
+    steps: int, shift: float, num_train_timesteps: int = 1000, sigmas: list[float] | None = None
+) -> Schedule:
+    """The schedule for `steps` steps, or for custom unshifted `sigmas` (as the pipeline's `sigmas=` argument)."""
+    if sigmas is not None:
+        base = np.array(sigmas).astype(np.float32)
+    else:
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        base = np.array(torch.linspace(1.0, 1.0 / steps, steps).tolist()).astype(np.float32)
     shift = float(shift)
     sigmas = shift * base / (1 + (shift - 1) * base)  # float32 throughout (python floats are weak scalars)
     sigmas = np.append(sigmas.astype(np.float32), np.float32(0.0))

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv (if absent) and install zimage-trt with the pinned dependencies of requirements-ci.txt.
+# Idempotent: a second run only checks that everything is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+fi
+# torch first and alone: with it in place no other package pulls a multi-GB CUDA build.
+.venv/bin/python -m pip install -q "$(grep '^torch==' requirements-ci.txt)"
+.venv/bin/python -m pip install -q -r requirements-ci.txt
+.venv/bin/python -m pip install -q --no-deps -e .
+.venv/bin/zimage-trt --help >/dev/null
+echo "setup done: .venv/bin/zimage-trt is ready"

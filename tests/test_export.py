@@ -1,0 +1,88 @@
+"""Each exported graph, run by onnxruntime, against its PyTorch module: fp32 within 1e-4 relative, fp16 within
+the stated bound, at caption lengths other than the ones the export traced."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from zimage_trt.export import checkpoint
+from zimage_trt.export.modules import DiTForExport, TextEncoderForExport
+from zimage_trt.export.onnx_export import TOLERANCE, check_onnx
+
+from .conftest import SIZE
+
+
+def manifest(bundle):
+    return json.loads((bundle / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("bundle_name", ["fp32_bundle", "fp16_bundle"])
+def test_export_self_checks_are_recorded_and_within_bounds(request, bundle_name):
+    m = manifest(request.getfixturevalue(bundle_name))
+    assert {c["name"] for c in m["checks"]} == {"text_encoder", "transformer", "vae_decoder"}
+    for c in m["checks"]:
+        assert not c["skipped"]
+        assert c["rel"] <= TOLERANCE[c["precision"]], c
+        assert c["rel"] > 0  # a real comparison ran: reduced precision and fp32 reorderings are never exact
+
+
+def test_bundle_is_self_contained(fp32_bundle):
+    names = sorted(p.name for p in fp32_bundle.iterdir())
+    assert names == [
+        "manifest.json", "scheduler.json", "text_encoder.onnx", "tokenizer", "transformer.onnx", "vae_decoder.onnx"
+    ]
+    m = manifest(fp32_bundle)
+    assert m["height"] == m["width"] == SIZE
+    assert m["latent_shape"] == [1, 16, SIZE // 8, SIZE // 8]
+    dit = m["networks"]["transformer"]
+    assert [i["name"] for i in dit["inputs"]] == ["latents", "timestep", "cap_feats", "cap_len"]
+    assert dit["inputs"][2]["shape"][1] == "cap_tokens"  # the one dynamic size
+    assert dit["inputs"][0]["shape"] == [1, 16, SIZE // 8, SIZE // 8]  # static image size
+    te = m["networks"]["text_encoder"]
+    assert te["inputs"][0]["shape"] == [1, "tokens"]
+
+
+def test_graphs_use_fused_attention_and_no_complex_ops(fp32_bundle):
+    model = onnx.load(str(fp32_bundle / "transformer.onnx"))
+    ops = {n.op_type for n in model.graph.node}
+    assert "Attention" in ops  # fused: no materialised score matrix in the graph
+    assert "RMSNormalization" in ops
+    assert not ops & {"Softmax", "DFT", "STFT"}
+    onnx.checker.check_model(str(fp32_bundle / "transformer.onnx"))
+
+
+@pytest.mark.parametrize("bundle_name, n_cap", [("fp32_bundle", 5), ("fp32_bundle", 200), ("fp16_bundle", 90)])
+def test_transformer_graph_at_other_caption_lengths(request, tiny_model, bundle_name, n_cap):
+    bundle = request.getfixturevalue(bundle_name)
+    prec = manifest(bundle)["networks"]["transformer"]["precision"]
+    dit = checkpoint.load_transformer(tiny_model, torch.float32)
+    ref = DiTForExport(dit, SIZE // 8, SIZE // 8)
+    g = torch.Generator().manual_seed(n_cap)
+    lpad = -(-n_cap // 32) * 32
+    inputs = (
+        torch.randn(1, 16, SIZE // 8, SIZE // 8, generator=g),
+        torch.tensor([0.6]),
+        torch.randn(1, lpad, dit.config.cap_feat_dim, generator=g),
+        torch.tensor([n_cap]),
+    )
+    result = check_onnx("transformer", bundle / "transformer.onnx", ref, inputs, prec)
+    assert result.ok, result.line()
+
+
+def test_text_encoder_graph_at_other_lengths(tiny_model, fp32_bundle):
+    qwen = checkpoint.load_text_encoder(tiny_model, torch.float32)
+    for n in (1, 130):
+        ids = torch.randint(0, qwen.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
+        result = check_onnx("text_encoder", fp32_bundle / "text_encoder.onnx", TextEncoderForExport(qwen), (ids,), "fp32")
+        assert result.ok, result.line()
+
+
+def test_bf16_graph_is_not_checked_on_cpu_and_says_why(tmp_path):
+    result = check_onnx("vae_decoder", tmp_path / "absent.onnx", None, (), "bf16")
+    assert result.skipped and "BF16" in result.skipped
+    assert np.isclose(result.tolerance, TOLERANCE["bf16"])
