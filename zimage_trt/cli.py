@@ -105,6 +105,29 @@ def cmd_export(args) -> None:
         print("  " + CheckResult(**check).line())
 
 
+# ------------------------------------------------------------------------------------------ build
+def cmd_build(args) -> None:
+    from zimage_trt.engine.build import BuildOptions, build_engines
+
+    targets = [t for t in args.target.split(",") if t.strip()] if args.target else ["auto"]
+    opts = BuildOptions(
+        backend=args.backend,
+        targets=targets,
+        opt_tokens=args.opt_tokens,
+        networks=tuple(args.networks.split(",")) if args.networks else BuildOptions().networks,
+        force=args.force,
+        check_memory=not args.skip_memory_check,
+        opt_level=args.opt_level,
+        verbose=args.verbose,
+    )
+    results = build_engines(args.bundle, args.out, opts)
+    print(f"{'network':<13} {'status':<8} {'seconds':>8} {'MB':>9}  reason")
+    for r in results:
+        mb = r.meta["build"]["engine_bytes"] / 1e6
+        print(f"{r.network:<13} {r.status:<8} {r.seconds:8.1f} {mb:9.1f}  {r.reason}")
+    print(f"engines in {args.out} (each with a .json sidecar)")
+
+
 # ------------------------------------------------------------------------------------------ generate
 def _sessions(args, bundle):
     from zimage_trt.sessions import open_sessions, resolve_device
@@ -224,6 +247,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-prompts", help="text file, one prompt a line, for FP16 calibration")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "build",
+        help="build TensorRT / TensorRT-RTX engines from a bundle",
+        description="Build one strongly typed engine per network for a target GPU, with a JSON sidecar each. "
+        "Only engines that are missing or stale are rebuilt. TensorRT builds on and for the GPU it runs on; "
+        "TensorRT-RTX builds ahead of time for the compute capabilities in --target, with or without a GPU.",
+    )
+    p.add_argument("--bundle", required=True, help="bundle folder made by `zimage-trt export`")
+    p.add_argument("--out", required=True, help="engine folder (created; existing current engines are kept)")
+    p.add_argument("--backend", default="tensorrt", choices=("tensorrt", "tensorrt-rtx"),
+                   help="tensorrt for datacenter GPUs (H100, H200, A100), tensorrt-rtx for RTX GPUs (default tensorrt)")
+    p.add_argument("--target", help="tensorrt-rtx only: auto (this GPU) or a list such as sm89,sm120 (default auto)")
+    p.add_argument("--networks", help="comma-separated subset of text_encoder,transformer,vae_decoder")
+    p.add_argument("--opt-tokens", type=int, default=128, help="caption length the profile is tuned for (default 128)")
+    p.add_argument("--opt-level", type=int, choices=range(0, 6), help="builder optimization level 0-5")
+    p.add_argument("--force", action="store_true", help="rebuild even engines that are current")
+    p.add_argument("--skip-memory-check", action="store_true", help="build even if host memory looks too small")
+    p.add_argument("--verbose", action="store_true", help="show the builder's log")
+    p.set_defaults(func=cmd_build)
 
     def runtime_args(p, need_out: bool):
         p.add_argument("--bundle", required=True, help="bundle folder made by `zimage-trt export`")

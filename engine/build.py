@@ -1,0 +1,354 @@
+"""`zimage-trt build`: the bundle's ONNX graphs -> one strongly typed engine per network, for a target GPU.
+
+One code path for TensorRT and TensorRT-RTX (engine/trt_api.py holds the differences):
+
+1. Everything that can fail before a long build is checked first: the library, the target GPU, each
+   engine's host memory need (about 3x its weights), and which engines are already current.
+2. Each graph is parsed into a strongly typed network (precision comes from the ONNX types), with one
+   optimization profile: caption length over its full range, optimized at a typical prompt; image shape fixed.
+3. The plan is streamed to a temporary file and renamed into place, then its sidecar is written.
+   TensorRT keeps a timing cache beside the engines; TensorRT-RTX takes compute-capability targets instead.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from zimage_trt.errors import UserError
+from zimage_trt.runtime.bundle import NETWORKS, Bundle
+
+from . import sidecar
+from .trt_api import RTX_UNSUPPORTED_CC, Flavour, gpu_info, load_flavour, rtx_targets
+
+BUILD_MEMORY_FACTOR = 3.0  # peak host memory of a build / weight bytes (measured: 6.7 GB for 2.2 GB fp16)
+BUILD_MEMORY_BASE = 1 << 30
+TYPICAL_PROMPT_TOKENS = 128  # opt point of the caption profile: a one- or two-sentence prompt in its chat turn
+
+
+@dataclass
+class BuildOptions:
+    backend: str = "tensorrt"
+    targets: list[str] = field(default_factory=lambda: ["auto"])
+    opt_tokens: int = TYPICAL_PROMPT_TOKENS
+    networks: tuple[str, ...] = NETWORKS
+    force: bool = False
+    check_memory: bool = True
+    opt_level: int | None = None
+    verbose: bool = False
+
+
+@dataclass
+class BuildResult:
+    network: str
+    status: str  # built | current
+    reason: str
+    seconds: float
+    meta: dict
+
+
+def resolve_targets(flavour: Flavour, requested: list[str], gpu: dict | None) -> tuple[dict, list]:
+    """The sidecar's `targets` and, for TensorRT-RTX, the ComputeCapability values to set."""
+    auto = requested in ([], ["auto"])
+    if not flavour.is_rtx:
+        if not auto:
+            raise UserError("--target is for tensorrt-rtx; TensorRT builds for the GPU it runs on (omit --target)")
+        if gpu is None:
+            raise UserError("TensorRT builds on the GPU it targets and PyTorch sees no CUDA GPU here")
+        return {"gpu": {"name": gpu["name"], "compute_capability": gpu["compute_capability"]}}, []
+    if auto:
+        if gpu is None:
+            raise UserError("no GPU here to target; name the RTX GPUs to build for, e.g. --target sm89,sm120")
+        if gpu["cc"] in RTX_UNSUPPORTED_CC:
+            raise UserError(
+                f"TensorRT-RTX does not support {gpu['name']} (compute capability {gpu['cc'][0]}.{gpu['cc'][1]}); "
+                "use --backend tensorrt on this GPU, or --target sm89,... to build for RTX GPUs elsewhere"
+            )
+        requested = [gpu["compute_capability"]]
+    values = rtx_targets(flavour, requested)
+    names = [r.strip().lower() for r in requested]
+    return {"compute_capabilities": names}, values
+
+
+def available_host_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_host_memory(name: str, weight_bytes: int, available: int | None) -> None:
+    need = BUILD_MEMORY_FACTOR * weight_bytes + BUILD_MEMORY_BASE
+    if available is not None and need > available:
+        raise UserError(
+            f"building {name} needs about {need / 1e9:.1f} GB of host memory ({BUILD_MEMORY_FACTOR:.0f}x its "
+            f"{weight_bytes / 1e9:.1f} GB of weights) and {available / 1e9:.1f} GB is available; build on a machine "
+            "with more memory (TensorRT-RTX builds for RTX GPUs on any Linux host), or pass --skip-memory-check"
+        )
+
+
+def profile_ranges(bundle: Bundle, opt_tokens: int) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) for each named dynamic dimension of the bundle's graphs."""
+    top = bundle.max_caption_tokens
+    opt = min(max(opt_tokens, 1), top)
+    return {
+        "tokens": (1, opt, top),
+        "cap_tokens": (bundle.caption_multiple, bundle.padded_caption_length(opt), top),
+    }
+
+
+def _parse(flavour: Flavour, builder, logger, path: Path):
+    trt = flavour.trt
+    network = builder.create_network(flavour.network_flags())
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(path)):
+        err = parser.get_error(0)
+        node = err.node_name() or f"#{err.node()}"
+        raise UserError(
+            f"{path.name} does not parse with {flavour.name} {flavour.version}: node '{node}' "
+            f"({err.node_operator()}): {err.desc()}"
+        )
+    return network, parser
+
+
+_DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32", "BOOL": "bool"}
+
+
+def _dtype_name(dtype) -> str:
+    key = str(dtype).split(".")[-1].upper()
+    return _DTYPE_NAMES.get(key, key.lower())
+
+
+def _io_and_profile(flavour: Flavour, builder, network, io_spec: dict, ranges: dict):
+    """Describe the network's I/O for the sidecar and build the one optimization profile."""
+    profile = builder.create_optimization_profile()
+    dyn_names = {i["name"]: i["shape"] for i in io_spec["inputs"]}
+    io, dynamic = [], False
+    for k in range(network.num_inputs):
+        t = network.get_input(k)
+        shape = list(t.shape)
+        entry = {"name": t.name, "mode": "input", "dtype": _dtype_name(t.dtype), "shape": shape}
+        if any(d < 0 for d in shape):
+            dims = [[], [], []]
+            for axis, d in enumerate(shape):
+                if d >= 0:
+                    for lst in dims:
+                        lst.append(d)
+                    continue
+                symbol = dyn_names.get(t.name, [None] * len(shape))[axis]
+                if symbol not in ranges:
+                    raise UserError(f"input {t.name} has a dynamic dimension '{symbol}' this builder has no range for")
+                for lst, v in zip(dims, ranges[symbol]):
+                    lst.append(v)
+            profile.set_shape(t.name, *dims)
+            entry["profile"] = {"min": dims[0], "opt": dims[1], "max": dims[2]}
+            dynamic = True
+        io.append(entry)
+    for k in range(network.num_outputs):
+        t = network.get_output(k)
+        io.append({"name": t.name, "mode": "output", "dtype": _dtype_name(t.dtype), "shape": list(t.shape)})
+    return io, (profile if dynamic else None)
+
+
+def _allow_unfused_attention(flavour: Flavour, network) -> int:
+    """Let FP32 attention fall back to unfused kernels; returns how many attention ops there are.
+
+    The fused attention kernels are FP16/BF16 (and FP8): an FP32 graph's attention has no dedicated kernel, and
+    the builder refuses it unless it is marked decomposable. FP32 engines are for parity checks, not speed; an
+    FP16/BF16 graph is never decomposed, so a missing fused kernel fails the build instead of running slowly.
+    """
+    trt = flavour.trt
+    kind = getattr(trt.LayerType, "ATTENTION_INPUT", None)
+    count = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if kind is not None and layer.type == kind:
+            layer.__class__ = trt.IAttentionInputLayer  # the Python API's documented downcast
+            layer.attention.decomposable = True
+            count += 1
+    return count
+
+
+def _progress_monitor(flavour: Flavour, bar):
+    """An IProgressMonitor that drives a tqdm bar with the builder's top-level phase and names the inner one."""
+    trt = flavour.trt
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self.top = None
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            if parent_phase is None and self.top is None:
+                self.top = phase_name
+                bar.reset(total=max(int(num_steps), 1))
+            bar.set_postfix_str(phase_name[:40])
+
+        def step_complete(self, phase_name, step):
+            if phase_name == self.top:
+                bar.n = int(step) + 1
+                bar.refresh()
+            return True  # keep building
+
+        def phase_finish(self, phase_name):
+            if phase_name == self.top:
+                self.top = None
+
+    return Monitor()
+
+
+def _stream_writer(flavour: Flavour, f):
+    trt = flavour.trt
+
+    class Writer(trt.IStreamWriter):
+        def __init__(self):
+            trt.IStreamWriter.__init__(self)
+            self.sha = hashlib.sha256()
+            self.n = 0
+
+        def write(self, data):
+            view = memoryview(data)
+            f.write(view)
+            self.sha.update(view)
+            self.n += view.nbytes
+            return view.nbytes
+
+    return Writer()
+
+
+class _Builder:
+    def __init__(self, flavour: Flavour, bundle: Bundle, out: Path, opts: BuildOptions, targets: dict, cc_values: list):
+        self.flavour, self.bundle, self.out, self.opts = flavour, bundle, out, opts
+        self.targets, self.cc_values = targets, cc_values
+        self.logger = flavour.logger(opts.verbose)
+        self.builder = flavour.trt.Builder(self.logger)
+        self.timing_cache_path = out / "timing.cache"
+
+    def _config(self, bar):
+        trt = self.flavour.trt
+        config = self.builder.create_builder_config()
+        config.progress_monitor = _progress_monitor(self.flavour, bar)
+        if self.opts.opt_level is not None:
+            config.builder_optimization_level = self.opts.opt_level
+        flags = {"strongly_typed": True, "opt_level": self.opts.opt_level}
+        if self.flavour.is_rtx:
+            config.num_compute_capabilities = len(self.cc_values)
+            for i, cc in enumerate(self.cc_values):
+                config.set_compute_capability(cc, i)
+        else:
+            blob = self.timing_cache_path.read_bytes() if self.timing_cache_path.is_file() else b""
+            cache = config.create_timing_cache(blob)
+            config.set_timing_cache(cache, ignore_mismatch=False)
+            flags["timing_cache"] = True
+        return config, flags
+
+    def build(self, name: str, bar) -> BuildResult:
+        trt = self.flavour.trt
+        net_info = self.bundle.network(name)
+        start = time.perf_counter()
+        bar.set_description(f"{name}: parsing")
+        network, _parser = _parse(self.flavour, self.builder, self.logger, self.bundle.onnx_path(name))
+        config, flags = self._config(bar)
+        if net_info["precision"] == "fp32":
+            flags["fp32_attention_unfused"] = _allow_unfused_attention(self.flavour, network)
+        io, profile = _io_and_profile(
+            self.flavour, self.builder, network, net_info, profile_ranges(self.bundle, self.opts.opt_tokens)
+        )
+        if profile is not None:
+            config.add_optimization_profile(profile)
+        bar.set_description(f"{name}: building")
+        engine = sidecar.engine_path(self.out, name)
+        tmp = engine.with_name(f".{engine.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                if hasattr(self.builder, "build_serialized_network_to_stream"):
+                    writer = _stream_writer(self.flavour, f)
+                    ok = self.builder.build_serialized_network_to_stream(network, config, writer)
+                    digest, size = writer.sha.hexdigest(), writer.n
+                else:  # TensorRT before 10.13
+                    plan = self.builder.build_serialized_network(network, config)
+                    ok = plan is not None
+                    data = memoryview(plan) if ok else b""
+                    f.write(data)
+                    digest, size = hashlib.sha256(data).hexdigest(), len(data)
+                f.flush()
+                os.fsync(f.fileno())
+            if not ok or size == 0:
+                raise UserError(f"{self.flavour.name} could not build {name}; rerun with --verbose for the builder's log")
+            os.replace(tmp, engine)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        if not self.flavour.is_rtx:
+            sidecar.write_atomic(self.timing_cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+        seconds = time.perf_counter() - start
+        meta = {
+            "network": name,
+            "precision": net_info["precision"],
+            "onnx": net_info["onnx"],
+            "onnx_sha256": net_info["sha256"],
+            "io": io,
+            "backend": self.flavour.name,
+            "backend_version": self.flavour.version,
+            "targets": self.targets,
+            "build": {
+                "flags": flags,
+                "seconds": round(seconds, 2),
+                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "host": platform.node(),
+                "engine_bytes": size,
+                "engine_sha256": digest,
+            },
+        }
+        sidecar.write_sidecar(engine, meta)
+        return BuildResult(name, "built", "", seconds, meta)
+
+
+def build_engines(bundle_dir, out_dir, opts: BuildOptions | None = None) -> list[BuildResult]:
+    from tqdm import tqdm
+
+    opts = opts or BuildOptions()
+    bundle = Bundle.open(bundle_dir)
+    flavour = load_flavour(opts.backend)
+    targets, cc_values = resolve_targets(flavour, opts.targets, gpu_info())
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    for name in opts.networks:
+        if name not in NETWORKS:
+            raise UserError(f"unknown network {name!r}; networks: {', '.join(NETWORKS)}")
+
+    # Decide what to build, and check memory for all of it, before the first build starts.
+    todo, results = [], []
+    for name in opts.networks:
+        engine = sidecar.engine_path(out, name)
+        reason = "--force" if opts.force else sidecar.stale_reason(
+            sidecar.read_sidecar(engine), engine, bundle.network(name), flavour.name, flavour.version, targets
+        )
+        if reason:
+            todo.append((name, reason))
+        else:
+            results.append(BuildResult(name, "current", "up to date", 0.0, sidecar.read_sidecar(engine)))
+    if opts.check_memory:
+        available = available_host_memory()
+        for name, _ in todo:
+            check_host_memory(name, bundle.network(name)["bytes"], available)
+
+    out.mkdir(parents=True, exist_ok=True)
+    builder = _Builder(flavour, bundle, out, opts, targets, cc_values)
+    for name, reason in todo:
+        with tqdm(total=1, unit="step", dynamic_ncols=True, leave=True) as bar:
+            result = builder.build(name, bar)
+            bar.set_description(f"{name}: built in {result.seconds:.1f} s")
+        result.reason = reason
+        results.append(result)
+    order = {n: i for i, n in enumerate(opts.networks)}
+    return sorted(results, key=lambda r: order[r.network])

@@ -1,0 +1,162 @@
+"""The metadata sidecar of an engine, and the checks that refuse a stale or foreign one.
+
+Each `NAME.engine` has a `NAME.engine.json` beside it that records what it was built from and for:
+
+    network, precision          which graph of the bundle, and its precision
+    onnx_sha256                 content hash of the ONNX (graph + external data) it was built from
+    io                          names, dtypes, shapes and profile (min/opt/max) of every input and output
+    backend, backend_version    tensorrt or tensorrt-rtx, and the exact library version
+    targets                     TensorRT: the GPU it was built on; TensorRT-RTX: the compute capabilities
+    build                       flags, seconds, date, host, engine size and hash
+
+`build` compares the sidecar with the bundle to rebuild only what is stale; the runtime compares it with the
+bundle, the installed library and the GPU, and refuses a mismatch with the reason and the command that fixes
+it. The checks here are plain functions of their inputs so they are tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from zimage_trt.errors import UserError
+
+SIDECAR_FORMAT = "zimage-trt-engine"
+SIDECAR_VERSION = 1
+
+
+def engine_path(engines_dir: Path, network: str) -> Path:
+    return Path(engines_dir) / f"{network}.engine"
+
+
+def sidecar_path(engine: Path) -> Path:
+    return engine.with_name(engine.name + ".json")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_sidecar(engine: Path, meta: dict) -> None:
+    meta = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, **meta}
+    write_atomic(sidecar_path(engine), (json.dumps(meta, indent=2) + "\n").encode())
+
+
+def read_sidecar(engine: Path) -> dict | None:
+    path = sidecar_path(engine)
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if meta.get("format") != SIDECAR_FORMAT or meta.get("version") != SIDECAR_VERSION:
+        return None
+    return meta
+
+
+def rebuild_command(bundle_dir, engines_dir, backend: str) -> str:
+    return f"zimage-trt build --bundle {bundle_dir} --out {engines_dir} --backend {backend}"
+
+
+def stale_reason(meta: dict | None, engine: Path, network: dict, backend: str, backend_version: str, targets) -> str:
+    """Why the engine must be rebuilt for this bundle network and build request ('' if it is current)."""
+    if meta is None:
+        return "no engine" if not engine.exists() else "no valid sidecar"
+    if not engine.is_file():
+        return "engine file missing"
+    if engine.stat().st_size != meta["build"]["engine_bytes"]:
+        return "engine file size differs from its sidecar (partial write?)"
+    if meta["onnx_sha256"] != network["sha256"]:
+        return "the bundle's ONNX changed since the build"
+    if meta["backend"] != backend:
+        return f"built with {meta['backend']}, {backend} asked for"
+    if meta["backend_version"] != backend_version:
+        return f"built with {meta['backend']} {meta['backend_version']}, {backend_version} installed"
+    if meta["targets"] != targets:
+        return f"built for {describe_targets(meta['targets'])}; {describe_targets(targets)} asked for"
+    return ""
+
+
+def describe_targets(targets: dict) -> str:
+    if "gpu" in targets:
+        return f"{targets['gpu']['name']} ({targets['gpu']['compute_capability']})"
+    return ", ".join(targets.get("compute_capabilities", [])) or "?"
+
+
+def check_loadable(
+    meta: dict | None,
+    engine: Path,
+    network_name: str,
+    network: dict,
+    installed: dict,
+    gpu: dict | None,
+    fix: str,
+) -> None:
+    """Refuse an engine that does not belong to this bundle, library or GPU; one line with the fix."""
+    check_matches(meta, engine, network_name, network, installed, fix)
+    check_gpu(meta, network_name, gpu, fix)
+
+
+def check_matches(meta: dict | None, engine: Path, network_name: str, network: dict, installed: dict, fix: str) -> None:
+    """The checks that need no GPU: the engine is whole, built from this bundle's graph, by this library.
+
+    installed: {"backend": name, "version": str} of the library here; version None (and "error", the import
+               failure with its install hint) where it is not installed
+    """
+    if not engine.is_file():
+        raise UserError(f"no engine for {network_name} at {engine}; build it: {fix}")
+    if meta is None:
+        raise UserError(f"{engine} has no valid sidecar ({sidecar_path(engine).name}); rebuild it: {fix}")
+    if meta["network"] != network_name:
+        raise UserError(f"{engine} holds the {meta['network']} network, not {network_name}; rebuild: {fix}")
+    if engine.stat().st_size != meta["build"]["engine_bytes"]:
+        raise UserError(f"{engine} does not match its sidecar's size (interrupted copy?); rebuild: {fix}")
+    if meta["onnx_sha256"] != network["sha256"]:
+        raise UserError(f"{network_name} engine is stale: the bundle's ONNX changed since it was built; rebuild: {fix}")
+    if meta["precision"] != network["precision"]:
+        raise UserError(
+            f"{network_name} engine is {meta['precision']} but the bundle's graph is {network['precision']}; rebuild: {fix}"
+        )
+    if installed.get("version") is None:
+        raise UserError(
+            installed.get("error")
+            or f"{network_name} engine needs {meta['backend']} {meta['backend_version']}, which is not installed"
+        )
+    if meta["backend"] != installed["backend"]:
+        raise UserError(f"{network_name} engine was built with {meta['backend']}, not {installed['backend']}; rebuild: {fix}")
+    if meta["backend_version"] != installed["version"]:
+        raise UserError(
+            f"{network_name} engine was built with {meta['backend']} {meta['backend_version']} but "
+            f"{installed['version']} is installed; engines do not move between versions; rebuild: {fix}"
+        )
+
+
+def check_gpu(meta: dict, network_name: str, gpu: dict | None, fix: str) -> None:
+    """The engine was built for this GPU: the same GPU type (TensorRT) or a targeted compute capability (RTX).
+
+    gpu: {"name": str, "compute_capability": "sm89"} of the GPU to run on, or None if there is none
+    """
+    if gpu is None:
+        raise UserError(f"{network_name} engine needs a CUDA GPU and PyTorch sees none here")
+    targets = meta["targets"]
+    if "gpu" in targets:
+        built = targets["gpu"]
+        if built["compute_capability"] != gpu["compute_capability"]:
+            raise UserError(
+                f"{network_name} engine was built on {built['name']} ({built['compute_capability']}), this GPU is "
+                f"{gpu['name']} ({gpu['compute_capability']}); build engines on each GPU type: {fix}"
+            )
+    else:
+        ccs = targets.get("compute_capabilities", [])
+        if gpu["compute_capability"] not in ccs:
+            raise UserError(
+                f"{network_name} engine targets {', '.join(ccs)}; this GPU is {gpu['name']} "
+                f"({gpu['compute_capability']}); rebuild with --target {gpu['compute_capability']}: {fix}"
+            )

@@ -1,0 +1,119 @@
+"""TensorRT / TensorRT-RTX backend: engines from `zimage-trt build`, run on the caller's torch buffers.
+
+One execution context per engine, created with user-managed device memory: the three engines run one after
+another on one stream, so they share one device-memory block sized for the largest. Inputs and outputs are
+bound by address (`set_tensor_address`) and the caption length is set with `set_input_shape` only when it
+changes; `execute_async_v3` enqueues on the current torch stream and returns, so the runtime can record the
+whole denoising loop in a CUDA graph. TensorRT-RTX compiles kernels for the GPU at first use; its runtime cache
+is kept beside the engine (NAME.engine.runtime_cache) so the next process starts warm.
+
+Before anything is deserialized each engine's sidecar is checked against the bundle, the installed library
+and the GPU (engine/sidecar.py); a stale or foreign engine is refused with the reason and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from zimage_trt.engine import sidecar
+from zimage_trt.engine.trt_api import RTX_UNSUPPORTED_CC, gpu_info, load_flavour
+from zimage_trt.errors import UserError
+
+from .bundle import NETWORKS, Bundle
+
+
+class TrtSession:
+    capturable = True
+
+    def __init__(self, name: str, flavour, runtime, engine_file: Path, device: torch.device):
+        trt = flavour.trt
+        self.name, self.device, self.flavour = name, device, flavour
+        self.engine = runtime.deserialize_cuda_engine(engine_file.read_bytes())
+        if self.engine is None:
+            raise UserError(f"{engine_file} could not be deserialized by {flavour.name} {flavour.version}; rebuild it")
+        self.cache_file = None
+        if flavour.is_rtx:
+            config = self.engine.create_runtime_config()
+            config.set_execution_context_allocation_strategy(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            # Specialise kernels for a new caption length at its first run, before the loop is recorded.
+            config.dynamic_shapes_kernel_specialization_strategy = trt.DynamicShapesKernelSpecializationStrategy.EAGER
+            config.cuda_graph_strategy = trt.CudaGraphStrategy.DISABLED  # the runtime records the whole loop
+            self.cache = config.create_runtime_cache()
+            self.cache_file = engine_file.with_name(engine_file.name + ".runtime_cache")
+            if self.cache_file.is_file():
+                self.cache.deserialize(self.cache_file.read_bytes())
+            config.set_runtime_cache(self.cache)
+            self.context = self.engine.create_execution_context(config)
+        else:
+            self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.shapes: dict[str, tuple] = {}
+
+    @property
+    def device_memory_size(self) -> int:
+        return int(self.engine.device_memory_size_v2)
+
+    def bind_device_memory(self, block: torch.Tensor) -> None:
+        self.context.set_device_memory(block.data_ptr(), block.numel())
+
+    def run(self, inputs, outputs) -> None:
+        ctx = self.context
+        new_shape = False
+        for n in self.input_names:
+            t = inputs[n]
+            shape = tuple(t.shape)
+            if self.shapes.get(n) != shape:
+                if not ctx.set_input_shape(n, shape):
+                    raise UserError(f"{self.name}: input {n} of shape {list(shape)} is outside the engine's profile")
+                self.shapes[n] = shape
+                new_shape = True
+            ctx.set_tensor_address(n, t.data_ptr())
+        for n in self.output_names:
+            ctx.set_tensor_address(n, outputs[n].data_ptr())
+        if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            raise RuntimeError(f"{self.name}: execute_async_v3 failed (see the TensorRT log)")
+        if new_shape and self.cache_file is not None:
+            sidecar.write_atomic(self.cache_file, bytes(memoryview(self.cache.serialize())))
+
+
+def open_engine_sessions(bundle: Bundle, engines_dir, device: torch.device) -> dict:
+    engines_dir = Path(engines_dir)
+    if not engines_dir.is_dir():
+        raise UserError(
+            f"engine folder {engines_dir} does not exist; build it: zimage-trt build --bundle {bundle.root} --out {engines_dir}"
+        )
+    files = {n: sidecar.engine_path(engines_dir, n) for n in NETWORKS}
+    metas = {n: sidecar.read_sidecar(f) for n, f in files.items()}
+    backends = {m["backend"] for m in metas.values() if m}
+    if len(backends) > 1:
+        raise UserError(f"{engines_dir} mixes engines of {' and '.join(sorted(backends))}; rebuild them with one backend")
+    backend = backends.pop() if backends else "tensorrt"
+    fix = sidecar.rebuild_command(bundle.root, engines_dir, backend)
+    try:
+        flavour = load_flavour(backend)
+        installed = {"backend": backend, "version": flavour.version}
+    except UserError as exc:  # reported after the checks that need no library (a stale engine is news too)
+        flavour, installed = None, {"backend": backend, "version": None, "error": str(exc)}
+    if device.type != "cuda":
+        raise UserError("TensorRT engines run on a CUDA GPU; use --device cuda (or another backend on the CPU)")
+    gpu = gpu_info(device.index or 0)
+    # Every engine's match with the bundle and library first, then the GPU: a stale engine is news on any machine.
+    for n in NETWORKS:
+        sidecar.check_matches(metas[n], files[n], n, bundle.network(n), installed, fix)
+    for n in NETWORKS:
+        sidecar.check_gpu(metas[n], n, gpu, fix)
+    if flavour.is_rtx and gpu["cc"] in RTX_UNSUPPORTED_CC:
+        raise UserError(f"TensorRT-RTX does not run on {gpu['name']}; build with --backend tensorrt on this GPU")
+    runtime = flavour.trt.Runtime(flavour.logger())
+    sessions = {n: TrtSession(n, flavour, runtime, files[n], device) for n in NETWORKS}
+    # The engines run one after another on one stream: one block, sized for the largest, serves them all.
+    size = max(s.device_memory_size for s in sessions.values())
+    block = torch.empty(max(size, 1), dtype=torch.uint8, device=device)
+    for s in sessions.values():
+        s.bind_device_memory(block)
+        s.shared_memory = block  # keeps the block alive with the sessions
+    return sessions

@@ -1,0 +1,217 @@
+"""Engines: real TensorRT-RTX builds on this CPU-only machine (ahead of time, for RTX compute capabilities),
+their sidecars, rebuilding only what is stale, and every refusal a user can meet. Running engines needs a GPU
+that the library supports; those tests are in test_engines_gpu.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import onnx
+import pytest
+import torch
+
+from zimage_trt.engine import sidecar
+from zimage_trt.engine.build import BuildOptions, build_engines, check_host_memory, resolve_targets
+from zimage_trt.engine.trt_api import load_flavour
+from zimage_trt.errors import UserError
+from zimage_trt.runtime.bundle import Bundle
+from zimage_trt.runtime.trt_session import open_engine_sessions
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt_rtx") is None,
+    reason="tensorrt-rtx is not installed (CI installs tensorrt-rtx-cu13 so this never skips there)",
+)
+
+TARGETS = ["sm89", "sm120"]
+H200 = {"name": "NVIDIA H200", "compute_capability": "sm90", "cc": (9, 0)}
+RTX4090 = {"name": "NVIDIA GeForce RTX 4090", "compute_capability": "sm89", "cc": (8, 9)}
+RTX5090 = {"name": "NVIDIA GeForce RTX 5090", "compute_capability": "sm120", "cc": (12, 0)}
+
+
+@pytest.fixture(scope="module")
+def engines(fp16_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engines") / "rtx"
+    results = build_engines(fp16_bundle, out, BuildOptions(backend="tensorrt-rtx", targets=TARGETS))
+    return out, results
+
+
+def copy_tree(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_json(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def test_three_engines_are_built_with_sidecars(engines, fp16_bundle):
+    out, results = engines
+    bundle = Bundle.open(fp16_bundle)
+    assert [r.network for r in results] == ["text_encoder", "transformer", "vae_decoder"]
+    assert all(r.status == "built" for r in results)
+    flavour = load_flavour("tensorrt-rtx")
+    for r in results:
+        engine = sidecar.engine_path(out, r.network)
+        meta = sidecar.read_sidecar(engine)
+        assert meta == r.meta | {"format": "zimage-trt-engine", "version": 1}
+        assert meta["onnx_sha256"] == bundle.network(r.network)["sha256"]
+        assert meta["precision"] == bundle.network(r.network)["precision"]
+        assert meta["backend"] == "tensorrt-rtx" and meta["backend_version"] == flavour.version
+        assert meta["targets"] == {"compute_capabilities": TARGETS}
+        assert meta["build"]["flags"]["strongly_typed"] is True
+        assert engine.stat().st_size == meta["build"]["engine_bytes"] > 100_000
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_sidecar_io_matches_the_bundle_graphs(engines, fp16_bundle):
+    out, _ = engines
+    bundle = Bundle.open(fp16_bundle)
+    for name in ("text_encoder", "transformer", "vae_decoder"):
+        meta = sidecar.read_sidecar(sidecar.engine_path(out, name))
+        graph = bundle.network(name)
+        want = [(i["name"], i["dtype"]) for i in graph["inputs"]] + [(o["name"], o["dtype"]) for o in graph["outputs"]]
+        assert [(i["name"], i["dtype"]) for i in meta["io"]] == want
+    dit = {i["name"]: i for i in sidecar.read_sidecar(sidecar.engine_path(out, "transformer"))["io"]}
+    c = bundle.caption_dim
+    assert dit["cap_feats"]["shape"] == [1, -1, c]
+    assert dit["cap_feats"]["profile"] == {"min": [1, 32, c], "opt": [1, 128, c], "max": [1, 512, c]}
+    assert "profile" not in dit["latents"] and dit["latents"]["shape"] == list(bundle.latent_shape)
+    assert dit["cap_len"]["dtype"] == "int64" and dit["velocity"]["dtype"] == "float32"
+    te = {i["name"]: i for i in sidecar.read_sidecar(sidecar.engine_path(out, "text_encoder"))["io"]}
+    assert te["input_ids"]["profile"] == {"min": [1, 1], "opt": [1, 128], "max": [1, 512]}
+
+
+def test_a_second_build_rebuilds_nothing(engines, fp16_bundle):
+    out, first = engines
+    again = build_engines(fp16_bundle, out, BuildOptions(backend="tensorrt-rtx", targets=TARGETS))
+    assert [r.status for r in again] == ["current"] * 3
+    assert [r.meta["build"]["engine_sha256"] for r in again] == [r.meta["build"]["engine_sha256"] for r in first]
+
+
+def test_only_stale_engines_are_rebuilt(engines, fp16_bundle, tmp_path):
+    out = copy_tree(engines[0], tmp_path / "engines")
+    bundle = copy_tree(fp16_bundle, tmp_path / "bundle")
+    # A re-export that changed the transformer: its manifest hash changes.
+    edit_json(bundle / "manifest.json", lambda m: m["networks"]["transformer"].update(sha256="0" * 64))
+    # An interrupted copy of the VAE engine.
+    vae = sidecar.engine_path(out, "vae_decoder")
+    vae.write_bytes(vae.read_bytes()[:1000])
+    results = {r.network: r for r in build_engines(bundle, out, BuildOptions(backend="tensorrt-rtx", targets=TARGETS))}
+    assert results["text_encoder"].status == "current"
+    assert results["transformer"].status == "built" and "ONNX changed" in results["transformer"].reason
+    assert results["vae_decoder"].status == "built" and "size" in results["vae_decoder"].reason
+    # New targets make every engine stale.
+    results = build_engines(bundle, out, BuildOptions(backend="tensorrt-rtx", targets=["sm89"]))
+    assert all(r.status == "built" and "asked for" in r.reason for r in results)
+
+
+def test_memory_check_refuses_before_any_build(fp16_bundle, tmp_path):
+    bundle = copy_tree(fp16_bundle, tmp_path / "bundle")
+    edit_json(bundle / "manifest.json", lambda m: m["networks"]["transformer"].update(bytes=10**15))
+    with pytest.raises(UserError, match=r"building transformer needs about .* GB of host memory"):
+        build_engines(bundle, tmp_path / "engines", BuildOptions(backend="tensorrt-rtx", targets=TARGETS))
+    assert not (tmp_path / "engines").exists()
+
+
+def test_memory_estimate_for_the_full_dit_on_a_24_gib_machine():
+    with pytest.raises(UserError, match=r"about 38\.0 GB of host memory \(3x its 12\.3 GB of weights\) and 22\.0 GB is available"):
+        check_host_memory("transformer", 12_300_000_000, 22_000_000_000)
+    check_host_memory("transformer", 12_300_000_000, 128_000_000_000)  # the H200 machine: fine
+
+
+def test_rtx_refuses_a_datacenter_gpu_before_building():
+    flavour = load_flavour("tensorrt-rtx")
+    with pytest.raises(UserError, match=r"TensorRT-RTX does not support NVIDIA H200 \(compute capability 9\.0\)"):
+        resolve_targets(flavour, ["auto"], H200)
+    # Building for RTX cards *on* an H200 is fine: the builder needs no matching GPU.
+    assert resolve_targets(flavour, ["sm89"], H200)[0] == {"compute_capabilities": ["sm89"]}
+    assert resolve_targets(flavour, ["auto"], RTX4090)[0] == {"compute_capabilities": ["sm89"]}
+
+
+def test_target_errors():
+    flavour = load_flavour("tensorrt-rtx")
+    with pytest.raises(UserError, match="not a TensorRT-RTX compute capability; choose from"):
+        resolve_targets(flavour, ["sm91"], None)
+    with pytest.raises(UserError, match="no GPU here to target"):
+        resolve_targets(flavour, ["auto"], None)
+
+
+def test_parse_error_names_the_node(fp16_bundle, tmp_path):
+    bundle = copy_tree(fp16_bundle, tmp_path / "bundle")
+    node = onnx.helper.make_node("NoSuchOp", ["latents"], ["image"], name="mystery_node", domain="")
+    graph = onnx.helper.make_graph(
+        [node], "g",
+        [onnx.helper.make_tensor_value_info("latents", onnx.TensorProto.FLOAT, [1, 16, 16, 16])],
+        [onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, [1, 3, 128, 128])],
+    )
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 23)]), str(bundle / "vae_decoder.onnx"))
+    with pytest.raises(UserError, match=r"vae_decoder.onnx does not parse .* node 'mystery_node' \(NoSuchOp\)"):
+        build_engines(bundle, tmp_path / "e", BuildOptions(backend="tensorrt-rtx", targets=TARGETS, networks=("vae_decoder",)))
+
+
+def test_missing_tensorrt_says_how_to_install():
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is installed here")
+    with pytest.raises(UserError, match="'tensorrt' is not installed .* pip install tensorrt-cu1"):
+        load_flavour("tensorrt")
+
+
+# ---------------------------------------------------------------- refusals at load time (runtime side)
+def test_runtime_refuses_a_stale_engine(engines, fp16_bundle, tmp_path):
+    bundle_dir = copy_tree(fp16_bundle, tmp_path / "bundle")
+    edit_json(bundle_dir / "manifest.json", lambda m: m["networks"]["transformer"].update(sha256="1" * 64))
+    with pytest.raises(UserError, match=r"transformer engine is stale.*zimage-trt build --bundle"):
+        open_engine_sessions(Bundle.open(bundle_dir), engines[0], torch.device("cuda"))
+
+
+def test_runtime_refuses_another_library_version(engines, fp16_bundle, tmp_path):
+    out = copy_tree(engines[0], tmp_path / "engines")
+    edit_json(sidecar.sidecar_path(sidecar.engine_path(out, "text_encoder")), lambda m: m.update(backend_version="1.6.0.1"))
+    with pytest.raises(UserError, match=r"built with tensorrt-rtx 1\.6\.0\.1 but .* is installed"):
+        open_engine_sessions(Bundle.open(fp16_bundle), out, torch.device("cuda"))
+
+
+def test_runtime_refuses_missing_engines_and_sidecars(engines, fp16_bundle, tmp_path):
+    bundle = Bundle.open(fp16_bundle)
+    with pytest.raises(UserError, match="does not exist; build it"):
+        open_engine_sessions(bundle, tmp_path / "nowhere", torch.device("cuda"))
+    out = copy_tree(engines[0], tmp_path / "engines")
+    sidecar.sidecar_path(sidecar.engine_path(out, "vae_decoder")).unlink()
+    with pytest.raises(UserError, match="has no valid sidecar"):
+        open_engine_sessions(bundle, out, torch.device("cuda"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_runtime_says_engines_need_a_gpu(engines, fp16_bundle):
+    with pytest.raises(UserError, match="needs a CUDA GPU and PyTorch sees none"):
+        open_engine_sessions(Bundle.open(fp16_bundle), engines[0], torch.device("cuda"))
+
+
+def test_foreign_gpu_is_refused(engines, fp16_bundle):
+    bundle = Bundle.open(fp16_bundle)
+    meta = sidecar.read_sidecar(sidecar.engine_path(engines[0], "transformer"))
+    installed = {"backend": "tensorrt-rtx", "version": meta["backend_version"]}
+    engine = sidecar.engine_path(engines[0], "transformer")
+    args = (engine, "transformer", bundle.network("transformer"), installed)
+    sidecar.check_loadable(meta, *args, RTX4090, "fix")  # sm89 is a target
+    sidecar.check_loadable(meta, *args, RTX5090, "fix")  # so is sm120
+    with pytest.raises(UserError, match=r"targets sm89, sm120; this GPU is NVIDIA H200 \(sm90\)"):
+        sidecar.check_loadable(meta, *args, H200, "fix")
+    # A TensorRT engine is tied to the GPU it was built on.
+    dc = dict(meta, backend="tensorrt", targets={"gpu": {"name": "NVIDIA H100", "compute_capability": "sm90"}})
+    with pytest.raises(UserError, match=r"built on NVIDIA H100 \(sm90\), this GPU is NVIDIA GeForce RTX 4090"):
+        sidecar.check_loadable(dc, engine, "transformer", bundle.network("transformer"),
+                               {"backend": "tensorrt", "version": meta["backend_version"]}, RTX4090, "fix")
+
+
+def test_cli_build_prints_a_table(capsys, engines, fp16_bundle):
+    from zimage_trt.cli import main
+
+    assert main(["build", "--bundle", str(fp16_bundle), "--out", str(engines[0]), "--backend", "tensorrt-rtx",
+                 "--target", ",".join(TARGETS)]) == 0
+    out = capsys.readouterr().out
+    assert "transformer   current" in out and "sidecar" in out
