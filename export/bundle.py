@@ -31,11 +31,12 @@ from . import checkpoint
 from .modules import (
     MAX_CAPTION_TOKENS,
     SEQ_MULTIPLE,
+    DiffusersDiT,
     DiTForExport,
     TextEncoderForExport,
     VaeDecoderForExport,
 )
-from .onnx_export import DEFAULT_OPSET, CheckResult, check_onnx, export_onnx, graph_io, require_ok
+from .onnx_export import DEFAULT_OPSET, CheckResult, check_eager, check_onnx, export_onnx, graph_io, require_ok
 
 BUNDLE_FORMAT = "zimage-trt-bundle"
 BUNDLE_VERSION = 1
@@ -135,13 +136,19 @@ def _copy_tokenizer(model_dir: Path, out: Path) -> None:
     (out / "chat_template.jinja").write_text(template, encoding="utf-8")
 
 
-def _should_check(opts: ExportOptions, module) -> tuple[bool, str]:
+def _check_mode(opts: ExportOptions, module, precision: str, device: torch.device) -> tuple[str, str]:
+    """How this graph is checked: ("onnxruntime" | "eager" | "", why it is not)."""
     if opts.check == "never":
-        return False, "skipped (--check never)"
+        return "", "skipped (--check never)"
     n_params = sum(p.numel() for p in module.parameters())
-    if opts.check == "auto" and n_params > CPU_CHECK_MAX_PARAMS:
-        return False, f"{n_params / 1e9:.1f} B parameters is too large for onnxruntime on a CPU; run `zimage-trt parity`"
-    return True, ""
+    small = n_params <= CPU_CHECK_MAX_PARAMS or opts.check == "always"
+    if precision != "bf16" and small:
+        return "onnxruntime", ""
+    if device.type == "cuda":
+        return "eager", ""
+    if precision == "bf16":
+        return "", "onnxruntime's CPU provider has no BF16 kernels; export with --device cuda to check it"
+    return "", f"{n_params / 1e9:.1f} B parameters is too large for onnxruntime on a CPU; export with --device cuda"
 
 
 class _Exporter:
@@ -167,13 +174,16 @@ class _Exporter:
         self.step(f"{name}: exporting ({prec})")
         export_onnx(module, export_inputs, path, dynamic, self.opts.opset)
         self.progress.update(1)
-        do_check, why = _should_check(self.opts, module)
-        if do_check:
+        mode, why = _check_mode(self.opts, module, prec, self.device)
+        if mode == "onnxruntime":
             self.step(f"{name}: checking with onnxruntime")
             result = check_onnx(name, path, make_reference(), check_inputs, prec)
-            require_ok(result)
+        elif mode == "eager":
+            self.step(f"{name}: checking the eager twin on {self.device}")
+            result = check_eager(name, module, make_reference(), check_inputs, prec)
         else:
             result = CheckResult(name, prec, 0.0, 0.0, 0.0, "", why)
+        require_ok(result)
         self.checks.append(result)
         self.progress.update(1)
         files = onnx_files(path)
@@ -219,7 +229,7 @@ class _Exporter:
                 scales = choose_scales(self._calibrate())
             folded = copy.deepcopy(dit)
             self.extra["fp16_rescaled_blocks"] = fold_rescale(folded, scales)
-            module = DiTForExport(folded, h, w, torch.float16)
+            module = DiTForExport(folded, h, w, torch.float16, inplace=True)
             del folded
         else:
             module = DiTForExport(dit, h, w, DTYPES[prec])
@@ -237,7 +247,7 @@ class _Exporter:
         self._finish(
             "transformer",
             module,
-            lambda: DiTForExport(dit, h, w, torch.float32),
+            lambda: DiffusersDiT(dit),
             (lat, t, cap(64), n(45)),
             (lat, t * 3, cap(32), n(21)),
             dynamic,

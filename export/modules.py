@@ -187,6 +187,27 @@ class DiTForExport(nn.Module):
         return self.unpatchify(unified[0, : self.image_tokens]).float()
 
 
+class DiffusersDiT(nn.Module):
+    """The diffusers transformer called as the pipeline calls it, behind DiTForExport's tensor interface.
+
+    This is the reference the exported graph is checked against: the list-based forward with complex RoPE,
+    the caption cut to cap_len and padded by diffusers itself.
+    """
+
+    input_names = DiTForExport.input_names
+    output_names = DiTForExport.output_names
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, latents, timestep, cap_feats, cap_len):
+        dtype = self.transformer.dtype
+        caption = cap_feats[0, : int(cap_len[0])].to(dtype)
+        out = self.transformer([latents[0].unsqueeze(1).to(dtype)], timestep, [caption], return_dict=False)[0][0]
+        return out.squeeze(1)[None].float()
+
+
 class TextEncoderForExport(nn.Module):
     """Qwen3 cut to what `hidden_states[-2]` needs: all layers but the last, and no final norm.
 

@@ -144,14 +144,30 @@ def check_onnx(name: str, path: Path, reference, inputs: tuple, precision: str, 
         feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs)}
         got = session.run([session.get_outputs()[0].name], feeds)[0]
     with torch.no_grad():
-        want = reference(*inputs).detach().float().cpu().numpy()
+        want = reference(*inputs)
+    return compare(name, torch.from_numpy(got), want, precision, providers[0])
+
+
+def compare(name: str, got: torch.Tensor, want: torch.Tensor, precision: str, provider: str) -> CheckResult:
+    got, want = got.detach().float().cpu(), want.detach().float().cpu()
     if got.shape != want.shape:
-        raise RuntimeError(f"{name}: ONNX output shape {got.shape} != PyTorch {want.shape}")
-    max_abs = float(np.abs(got.astype(np.float64) - want).max())
-    rel = max_abs / max(float(np.abs(want).max()), 1e-30)
-    if not np.isfinite(got).all():
+        raise RuntimeError(f"{name}: output shape {tuple(got.shape)} != reference {tuple(want.shape)}")
+    max_abs = float((got.double() - want.double()).abs().max())
+    rel = max_abs / max(float(want.abs().max()), 1e-30)
+    if not torch.isfinite(got).all():
         max_abs = rel = float("inf")
-    return CheckResult(name, precision, max_abs, rel, tol, providers[0])
+    return CheckResult(name, precision, max_abs, rel, TOLERANCE[precision], provider)
+
+
+@torch.no_grad()
+def check_eager(name: str, module, reference, inputs: tuple, precision: str) -> CheckResult:
+    """The exported module run eagerly (its "eager twin") against the reference, on the inputs' device.
+
+    For graphs too large for onnxruntime on a CPU: on a GPU this checks, at full size and in the graph's
+    precision, the very module that was traced; the graph itself is then proven by the TensorRT parse.
+    """
+    device = inputs[0].device
+    return compare(name, module(*inputs), reference(*inputs), precision, f"eager twin on {device}")
 
 
 def require_ok(result: CheckResult) -> None:

@@ -141,8 +141,10 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def write_model(out: Path, cfg: dict, seed: int, device: str = "cpu") -> None:
-    """Instantiate each component with random weights from `seed` and save it in the diffusers layout."""
+def write_model(out: Path, cfg: dict, seed: int, device: str = "cpu", dtype=None) -> None:
+    """Instantiate each component with random weights from `seed` and save it in the diffusers layout.
+
+    The weights are drawn in float32 on `device` and saved in `dtype` (default: float32)."""
     import torch
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
@@ -163,19 +165,19 @@ def write_model(out: Path, cfg: dict, seed: int, device: str = "cpu") -> None:
             for name, p in transformer.named_parameters():
                 if "adaLN_modulation" in name and name.endswith("weight"):
                     p.normal_(0.0, 0.05)
-        transformer.save_pretrained(out / "transformer", safe_serialization=True)
+        transformer.to(dtype or torch.float32).save_pretrained(out / "transformer", safe_serialization=True)
         del transformer
 
         seeded(2)
         ecfg = {k: v for k, v in cfg["text_encoder"].items() if k not in ("architectures", "model_type")}
         text_encoder = Qwen3Model(Qwen3Config(**ecfg))
-        text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+        text_encoder.to(dtype or torch.float32).save_pretrained(out / "text_encoder", safe_serialization=True)
         del text_encoder
 
         seeded(3)
         vcfg = {k: v for k, v in cfg["vae"].items() if not k.startswith("_")}
         vae = AutoencoderKL(**vcfg)
-        vae.save_pretrained(out / "vae", safe_serialization=True)
+        vae.to(dtype or torch.float32).save_pretrained(out / "vae", safe_serialization=True)
         del vae
 
     _write_json(out / "scheduler" / "scheduler_config.json", configs.SCHEDULER)
@@ -184,12 +186,23 @@ def write_model(out: Path, cfg: dict, seed: int, device: str = "cpu") -> None:
     _write_json(out / "model_index.json", index)
 
 
-def make_tiny(out: str | Path, seed: int = 0) -> Path:
-    """Write the tiny model to `out` (created; must be empty or absent)."""
+def make_tiny(out: str | Path, seed: int = 0, size: str = "tiny", device: str = "cpu") -> Path:
+    """Write a random model to `out` (created; must be empty or absent).
+
+    size "tiny": the small configuration in float32. size "full": the real Z-Image-Turbo configuration, saved in
+    bf16 as the real checkpoint is (random weights: for speed, memory and graph validity, not for images).
+    """
+    import torch
+
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; choose a new directory or remove it first")
     out.mkdir(parents=True, exist_ok=True)
     vocab = write_tokenizer(out / "tokenizer")
-    write_model(out, configs.tiny(vocab), seed)
+    if size == "tiny":
+        write_model(out, configs.tiny(vocab), seed, device)
+    elif size == "full":
+        write_model(out, configs.FULL, seed, device, dtype=torch.bfloat16)
+    else:
+        raise ValueError(f"size must be tiny or full, not {size!r}")
     return out

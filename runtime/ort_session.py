@@ -17,7 +17,7 @@ class OrtSession:
 
     def __init__(self, name: str, path, precision: str, device: torch.device, threads: int = 0):
         ort = require("onnxruntime", "pip install onnxruntime  (or onnxruntime-gpu for CUDA)")
-        self.name, self.device = name, device
+        self.name, self.device, self.precision = name, device, precision
         if device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise UserError(

@@ -17,6 +17,7 @@ import torch
 class Session(Protocol):
     name: str
     device: torch.device
+    precision: str  # fp32 | fp16 | bf16: what the network computes in
     capturable: bool
 
     def run(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None: ...

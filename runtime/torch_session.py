@@ -15,8 +15,8 @@ from .session import check_io
 class TorchSession:
     capturable = True  # pure tensor code with no host syncs
 
-    def __init__(self, name: str, module: torch.nn.Module, device: torch.device):
-        self.name, self.device = name, device
+    def __init__(self, name: str, module: torch.nn.Module, device: torch.device, precision: str = "fp32"):
+        self.name, self.device, self.precision = name, device, precision
         self.module = module.to(device).eval()
         self.input_names = list(module.input_names)
         self.output_names = list(module.output_names)

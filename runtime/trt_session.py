@@ -27,9 +27,9 @@ from .bundle import NETWORKS, Bundle
 class TrtSession:
     capturable = True
 
-    def __init__(self, name: str, flavour, runtime, engine_file: Path, device: torch.device):
+    def __init__(self, name: str, flavour, runtime, engine_file: Path, device: torch.device, precision: str):
         trt = flavour.trt
-        self.name, self.device, self.flavour = name, device, flavour
+        self.name, self.device, self.flavour, self.precision = name, device, flavour, precision
         self.engine = runtime.deserialize_cuda_engine(engine_file.read_bytes())
         if self.engine is None:
             raise UserError(f"{engine_file} could not be deserialized by {flavour.name} {flavour.version}; rebuild it")
@@ -109,7 +109,7 @@ def open_engine_sessions(bundle: Bundle, engines_dir, device: torch.device) -> d
     if flavour.is_rtx and gpu["cc"] in RTX_UNSUPPORTED_CC:
         raise UserError(f"TensorRT-RTX does not run on {gpu['name']}; build with --backend tensorrt on this GPU")
     runtime = flavour.trt.Runtime(flavour.logger())
-    sessions = {n: TrtSession(n, flavour, runtime, files[n], device) for n in NETWORKS}
+    sessions = {n: TrtSession(n, flavour, runtime, files[n], device, metas[n]["precision"]) for n in NETWORKS}
     # The engines run one after another on one stream: one block, sized for the largest, serves them all.
     size = max(s.device_memory_size for s in sessions.values())
     block = torch.empty(max(size, 1), dtype=torch.uint8, device=device)

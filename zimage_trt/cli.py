@@ -31,10 +31,10 @@ def cmd_make_tiny(args) -> None:
     from zimage_trt.export.tiny import make_tiny
 
     try:
-        out = make_tiny(args.dir, seed=args.seed)
+        out = make_tiny(args.dir, seed=args.seed, size=args.size, device=args.device)
     except FileExistsError as exc:
         raise UserError(str(exc)) from None
-    print(f"wrote a tiny random Z-Image-Turbo (seed {args.seed}) to {out}")
+    print(f"wrote a {args.size} random Z-Image-Turbo (seed {args.seed}) to {out}")
 
 
 # ------------------------------------------------------------------------------------------ export
@@ -173,6 +173,27 @@ def cmd_parity(args) -> None:
         raise UserError("parity failed: a stage is outside its bound (see the table)")
 
 
+# ------------------------------------------------------------------------------------------ bench
+def cmd_bench(args) -> None:
+    from zimage_trt.bench import format_table, run_bench, save
+    from zimage_trt.sessions import resolve_device
+
+    device = resolve_device(args.device)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if args.iters < 1 or args.warmup < 0:
+        raise UserError("--iters must be at least 1 and --warmup at least 0")
+    results = run_bench(
+        args.model, args.bundle, backends, args.engines, device, args.prompt, args.seed, args.warmup, args.iters,
+        diffusers=not args.no_diffusers,
+    )
+    table = format_table(results)
+    results["table"] = table
+    print(table)
+    if args.json:
+        save(results, args.json)
+        print(f"results: {args.json}")
+
+
 # ------------------------------------------------------------------------------------------ demo
 def cmd_demo(args) -> None:
     import shutil
@@ -223,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-tiny", help="write a tiny random Z-Image-Turbo (real architecture) to a folder")
     p.add_argument("dir", help="output folder (must be empty or absent)")
     p.add_argument("--seed", type=int, default=0, help="weights and all else are a function of this (default 0)")
+    p.add_argument("--size", default="tiny", choices=("tiny", "full"),
+                   help="tiny (default, ~30 MB) or full: the real architecture with random weights in bf16 "
+                   "(~20 GB; for speed and memory measurements)")
+    p.add_argument("--device", default="cpu", help="where to initialise the weights: cpu (default) or cuda (fast for full)")
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser(
@@ -296,6 +321,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="A photograph of a red fox sitting in fresh snow at sunrise")
     p.add_argument("--seed", type=int, default=42)
     p.set_defaults(func=cmd_parity)
+
+    p = sub.add_parser(
+        "bench",
+        help="latency and memory per stage: diffusers' eager pipeline beside the runtime, in one run",
+        description="Times text encoder, one transformer pass, all passes, VAE decode, end to end and the runtime's "
+        "own overhead (median and p90), with peak GPU memory, for diffusers' ZImagePipeline and for the runtime on "
+        "each backend that runs here; prints the roofline floor (transformer FLOPs over the measured matmul rate).",
+    )
+    p.add_argument("--model", required=True, help="model folder (for diffusers and the torch backend)")
+    p.add_argument("--bundle", required=True, help="bundle folder made by `zimage-trt export`")
+    p.add_argument("--engines", help="engine folder made by `zimage-trt build` (adds the tensorrt backend)")
+    p.add_argument("--backends", default="torch,onnxruntime,tensorrt",
+                   help="runtime backends to try (default: all; those that cannot run here are listed with why)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if present)")
+    p.add_argument("--iters", type=int, default=5, help="timed generations per system (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed generations first (default 2)")
+    p.add_argument("--prompt", default="A photograph of a red fox sitting in fresh snow at sunrise, soft golden light")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-diffusers", action="store_true", help="skip diffusers' pipeline")
+    p.add_argument("--json", help="also write the results as JSON here")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="tiny model -> export -> generate -> parity, on a CPU in about a minute")
     p.add_argument("--workdir", default="zimage-demo", help="folder for the model, bundle and image (default ./zimage-demo)")

@@ -70,11 +70,11 @@ def _compare(stage, backend, precision, got: torch.Tensor, want: torch.Tensor) -
     return Row(stage, backend, precision, max_abs, rel, NETWORK_BOUND[precision])
 
 
-def reference_image(model_dir, prompt: str, seed: int, height: int, width: int, steps: int = 9) -> np.ndarray:
-    """diffusers' ZImagePipeline in float32 on the CPU, as 8-bit HxWx3."""
+def reference_image(model_dir, prompt: str, seed: int, height: int, width: int, steps: int = 9, device="cpu"):
+    """diffusers' ZImagePipeline in float32, as 8-bit HxWx3 (noise drawn on the CPU, as the runtime's default)."""
     from zimage_trt.export.checkpoint import load_pipeline
 
-    pipe = load_pipeline(model_dir, torch.float32, "cpu")
+    pipe = load_pipeline(model_dir, torch.float32, device)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator("cpu").manual_seed(seed)
     image = pipe(
@@ -89,17 +89,28 @@ def reference_image(model_dir, prompt: str, seed: int, height: int, width: int, 
     return (image * 255).round().astype(np.uint8)
 
 
+def _free(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def run_parity(model_dir, bundle, sessions: dict, backend: str, prompt: str, seed: int, device="cpu") -> list[Row]:
-    """Rows for each network of `sessions` and for the end-to-end image."""
+    """Rows for each network of `sessions` and for the end-to-end image.
+
+    The float32 references run on the same device as the sessions (a GPU makes full size practical); they are
+    freed before diffusers' pipeline is loaded for the image, so at most one float32 copy is resident.
+    """
     from zimage_trt.export.reference import reference_modules
     from zimage_trt.runtime.pipeline import ZImageRuntime
     from zimage_trt.runtime.torch_session import TorchSession
 
     device = torch.device(device)
-    refs = reference_modules(model_dir, bundle.height, bundle.width, torch.float32, "cpu")
-    ref_rt = ZImageRuntime(bundle, {n: TorchSession(n, m, torch.device("cpu")) for n, m in refs.items()}, "cpu")
-    rt = ZImageRuntime(bundle, sessions, device)
-    prec = {n: bundle.network(n)["precision"] for n in sessions}
+    refs = reference_modules(model_dir, bundle.height, bundle.width, torch.float32, device)
+    ref_rt = ZImageRuntime(bundle, {n: TorchSession(n, m, device) for n, m in refs.items()}, device)
+    prec = {n: s.precision for n, s in sessions.items()}
     rows = []
 
     # Inputs captured from the reference run: real ids, features and latents rather than noise.
@@ -109,32 +120,38 @@ def run_parity(model_dir, bundle, sessions: dict, backend: str, prompt: str, see
     first_latents = ref_rt.latents.clone()
     ref_rt.denoise(lpad)
     last_latents = ref_rt.latents.clone()
+    caption = ref_rt.caption[:, :lpad].clone()
 
-    rt.ids[0, : len(ids)] = torch.tensor(ids)
-    feats = torch.empty(1, len(ids), bundle.caption_dim, device=device)
-    sessions["text_encoder"].run({"input_ids": rt.ids[:, : len(ids)]}, {"features": feats})
-    rows.append(_compare("text_encoder", backend, prec["text_encoder"], feats, ref_rt.caption[:, : len(ids)]))
+    n = len(ids)
+    feats = torch.empty(1, n, bundle.caption_dim, device=device)
+    sessions["text_encoder"].run({"input_ids": ref_rt.ids[:, :n].contiguous()}, {"features": feats})
+    rows.append(_compare("text_encoder", backend, prec["text_encoder"], feats, caption[:, :n]))
 
     dit_in = {
-        "latents": first_latents.to(device),
-        "timestep": torch.tensor([float(ref_rt.schedule.model_t[0])], device=device),
-        "cap_feats": ref_rt.caption[:, :lpad].contiguous().to(device),
-        "cap_len": torch.tensor([len(ids)], device=device),
+        "latents": first_latents,
+        "timestep": ref_rt.model_t[:1].clone(),
+        "cap_feats": caption,
+        "cap_len": torch.tensor([n], device=device),
     }
     got = torch.empty(bundle.latent_shape, device=device)
     sessions["transformer"].run(dit_in, {"velocity": got})
-    want = refs["transformer"](*(dit_in[n].cpu() for n in refs["transformer"].input_names))
+    with torch.no_grad():
+        want = refs["transformer"](*(dit_in[k] for k in refs["transformer"].input_names))
     rows.append(_compare("transformer", backend, prec["transformer"], got, want))
 
     image = torch.empty(1, 3, bundle.height, bundle.width, device=device)
-    sessions["vae_decoder"].run({"latents": last_latents.to(device)}, {"image": image})
+    sessions["vae_decoder"].run({"latents": last_latents}, {"image": image})
     with torch.no_grad():
         want = refs["vae_decoder"](last_latents)
     rows.append(_compare("vae_decoder", backend, prec["vae_decoder"], image, want))
+    del refs, ref_rt, want
+    _free(device)
 
-    ours = rt.generate(prompt, seed)
-    theirs = reference_image(model_dir, prompt, seed, bundle.height, bundle.width, len(rt.schedule.timesteps))
+    ours = ZImageRuntime(bundle, sessions, device).generate(prompt, seed)
+    steps = bundle.scheduler["default_steps"]
+    theirs = reference_image(model_dir, prompt, seed, bundle.height, bundle.width, steps, device)
+    _free(device)
     worst = min(prec.values(), key=IMAGE_BOUND_DB.get)  # the image is held to its least precise network
     diff = float(np.abs(ours.astype(np.int32) - theirs.astype(np.int32)).max())
-    rows.append(Row("image (9 steps)", backend, worst, diff, diff / 255, IMAGE_BOUND_DB[worst], psnr(ours, theirs)))
+    rows.append(Row(f"image ({steps} steps)", backend, worst, diff, diff / 255, IMAGE_BOUND_DB[worst], psnr(ours, theirs)))
     return rows

@@ -43,8 +43,12 @@ def open_sessions(
         from zimage_trt.export.reference import reference_modules
         from zimage_trt.runtime.torch_session import TorchSession
 
-        mods = reference_modules(model_dir, bundle.height, bundle.width, TORCH_DTYPES[torch_dtype], device)
-        return {n: TorchSession(n, m, device) for n, m in mods.items()}
+        scales = bundle.network("transformer").get("fp16_scales")
+        mods = reference_modules(model_dir, bundle.height, bundle.width, TORCH_DTYPES[torch_dtype], device, scales)
+        precision = {n: torch_dtype for n in mods}
+        if torch_dtype == "fp16":
+            precision["vae_decoder"] = "bf16"
+        return {n: TorchSession(n, m, device, precision[n]) for n, m in mods.items()}
     if backend == "tensorrt":
         if engines is None:
             raise UserError("--backend tensorrt needs --engines DIR (made by `zimage-trt build`)")

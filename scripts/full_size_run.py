@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Full-size Z-Image-Turbo on one GPU machine, every stage of the project at scale, in one run.
+
+    GPU tests        the CUDA-graph loop equals the eager loop (tests/test_engines_gpu.py, tiny model)
+    make model       the real architecture with random weights (zimage-trt make-tiny --size full)
+    export           zimage-trt export at 1024x1024 (fp16 DiT and text encoder, bf16 VAE), checked on the GPU
+    bench            zimage-trt bench: diffusers' eager pipeline beside the runtime
+    build            zimage-trt build with TensorRT-RTX for an RTX target (sm89), if tensorrt_rtx is importable
+
+Each stage runs as its own process; its wall time, peak host memory (the child's max RSS) and peak GPU memory
+(sampled with NVML every 0.2 s) are recorded in WORK/results/stages.json as soon as it ends, so a run cut short
+keeps what it measured. The model folder is deleted before the build to leave disk for the engines.
+
+    python scripts/full_size_run.py --work /root/work
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+class GpuPeak:
+    """Highest device memory in use while a stage runs (NVML, else nvidia-smi; None without either)."""
+
+    def __init__(self):
+        self.peak, self.stop, self.read = 0, threading.Event(), self._reader()
+
+    @staticmethod
+    def _reader():
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            return lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used
+        except Exception:  # noqa: BLE001 - no NVML: fall back to nvidia-smi, or to nothing
+            if shutil.which("nvidia-smi") is None:
+                return None
+            cmd = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"]
+            return lambda: int(subprocess.run(cmd, capture_output=True, text=True).stdout.strip()) * 2**20
+
+    def __enter__(self):
+        if self.read is not None:
+            self.thread = threading.Thread(target=self._loop, daemon=True)
+            self.thread.start()
+        return self
+
+    def _loop(self):
+        while not self.stop.is_set():
+            self.peak = max(self.peak, self.read())
+            self.stop.wait(0.2)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+
+
+def run_stage(name: str, argv: list[str], log, env) -> dict:
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(argv)}", file=log, flush=True)
+    start = time.perf_counter()
+    with GpuPeak() as gpu:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    record = {
+        "stage": name,
+        "command": " ".join(argv),
+        "exit_code": code,
+        "seconds": round(seconds, 1),
+        "peak_host_gb": round(usage.ru_maxrss * 1024 / 1e9, 2),
+        "peak_gpu_gb": round(gpu.peak / 1e9, 2) if gpu.read else None,
+    }
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: exit {code} after {seconds:.0f} s", file=log, flush=True)
+    return record
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", required=True, help="folder for the model, bundle, engines and results")
+    ap.add_argument("--skip", default="", help="comma-separated stages to skip (gpu-tests,make,export,bench,build)")
+    ap.add_argument("--iters", default="5", help="timed generations per system in the bench (default 5)")
+    ap.add_argument("--size", default="full", choices=("full", "tiny"), help="tiny: a quick dry run of the stages")
+    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu for a dry run")
+    args = ap.parse_args()
+    work = Path(args.work)
+    results = work / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    model, bundle, engines = work / "model", work / "bundle", work / "engines"
+    skip = set(filter(None, args.skip.split(",")))
+    zt = [sys.executable, "-m", "zimage_trt.cli"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    repo = Path(__file__).resolve().parents[1]
+
+    stages = [
+        ("gpu-tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(repo / "tests" / "test_engines_gpu.py")]),
+        ("make", zt + ["make-tiny", str(model), "--size", args.size, "--device", args.device]),
+        ("export", zt + ["export", "--model", str(model), "--out", str(bundle), "--device", args.device, "--force"]
+                   + (["--height", "256", "--width", "256", "--vae-precision", "fp32"] if args.size == "tiny" else [])),
+        ("bench", zt + ["bench", "--model", str(model), "--bundle", str(bundle), "--device", args.device,
+                        "--iters", args.iters, "--json", str(results / "bench.json")]),
+        ("build", zt + ["build", "--bundle", str(bundle), "--out", str(engines), "--backend", "tensorrt-rtx",
+                        "--target", "sm89"]),
+    ]
+    records = []
+    with open(work / "run.log", "a") as log:
+        for name, argv in stages:
+            if name in skip:
+                continue
+            if name == "make" and model.exists():
+                shutil.rmtree(model)
+            if name == "build":
+                try:
+                    import tensorrt_rtx  # noqa: F401
+                except ImportError as exc:
+                    records.append({"stage": name, "skipped": f"tensorrt_rtx not importable: {exc}"})
+                    continue
+                shutil.rmtree(model, ignore_errors=True)  # the engines need the disk the model held
+            record = run_stage(name, argv, log, env)
+            records.append(record)
+            (results / "stages.json").write_text(json.dumps(records, indent=2) + "\n")
+            if record["exit_code"] != 0 and name in ("make", "export"):
+                break
+    for f in [bundle / "manifest.json", *sorted(engines.glob("*.engine.json"))]:
+        if f.exists():
+            shutil.copy(f, results / f.name)
+    (results / "stages.json").write_text(json.dumps(records, indent=2) + "\n")
+    (work / "done").write_text("done\n")
+    return 0 if all(r.get("exit_code", 0) == 0 for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

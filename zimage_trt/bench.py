@@ -1,0 +1,341 @@
+"""`zimage-trt bench`: per-stage latency and memory, diffusers' eager pipeline beside the runtime, in one run.
+
+For each system (diffusers' ZImagePipeline, then the runtime on every backend that can run here) it times
+whole generations and, inside them, the stages:
+
+    text encoder      the text encoder call (tokenizing included for the runtime)
+    transformer x1    one transformer pass
+    all passes        every pass with its Euler step (the runtime replays them as one CUDA graph on a GPU)
+    VAE decode        the VAE call
+    end to end        prompt in, 8-bit image out, wall clock
+    runtime overhead  end to end minus the time inside the three networks: what the runtime itself costs
+
+GPU stages are timed with CUDA events on the stream, wall clock with perf_counter after a sync. Each figure is
+the median and p90 over the timed generations. The roofline floor is the transformer's matmul FLOPs per pass,
+counted from the config, over the matmul rate measured on this device; figures are shown as multiples of it.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from zimage_trt.errors import UserError
+
+STAGES = ("text encoder", "transformer x1", "all passes", "VAE decode", "end to end", "runtime overhead")
+BARS = {"text encoder": 5.0, "VAE decode": 40.0}  # ms, the project's bar on an H100/H200-class GPU
+E2E_BAR = 1.2  # end to end within 1.2x of the roofline floor
+OVERHEAD_BAR = 0.01  # runtime work between network calls under 1% of the total
+
+
+class Clock:
+    """Start/stop timing of GPU work on the current stream (CUDA events) or of CPU work (perf_counter)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pending: list = []
+
+    def start(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def stop(self, begin) -> "callable":
+        """Returns a function that gives the elapsed ms (after the device is synchronised)."""
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            return lambda: begin.elapsed_time(end)
+        ms = (time.perf_counter() - begin) * 1e3
+        return lambda: ms
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+@dataclass
+class Samples:
+    values: dict = field(default_factory=lambda: {s: [] for s in STAGES})
+
+    def add(self, stage: str, ms: float) -> None:
+        self.values[stage].append(float(ms))
+
+    def summary(self) -> dict:
+        out = {}
+        for stage, vals in self.values.items():
+            if vals:
+                out[stage] = {"median_ms": statistics.median(vals), "p90_ms": float(np.percentile(vals, 90)), "n": len(vals)}
+        return out
+
+
+class TimedSession:
+    """A session that times each run; the runtime sees the same interface."""
+
+    def __init__(self, inner, clock: Clock):
+        self.inner, self.clock = inner, clock
+        self.name, self.device, self.precision = inner.name, inner.device, inner.precision
+        self.capturable = False
+        self.last = None
+
+    def run(self, inputs, outputs) -> None:
+        begin = self.clock.start()
+        self.inner.run(inputs, outputs)
+        self.last = self.clock.stop(begin)
+
+
+def matmul_rate(device: torch.device) -> tuple[float, str]:
+    """Sustained dense matmul FLOP/s on this device: bf16 8192^3 on a GPU, fp32 1024^3 on a CPU."""
+    if device.type == "cuda":
+        n, dtype, reps = 8192, torch.bfloat16, 20
+    else:
+        n, dtype, reps = 1024, torch.float32, 10
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    clock = Clock(device)
+    clock.sync()
+    begin = clock.start()
+    for _ in range(reps):
+        a @ b
+    elapsed = clock.stop(begin)
+    clock.sync()
+    seconds = elapsed() / 1e3
+    return 2 * n**3 * reps / seconds, f"{str(dtype).split('.')[-1]} {n}^3"
+
+
+def _free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _memory_start(device):
+    _free(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        free, total = torch.cuda.mem_get_info()
+        return total - free
+    return 0
+
+
+def _memory_end(device, base) -> dict:
+    if device.type != "cuda":
+        return {}
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    return {"torch_peak_gb": torch.cuda.max_memory_allocated() / 1e9, "device_used_gb": (total - free - base) / 1e9}
+
+
+def bench_diffusers(model_dir, prompt, seed, height, width, steps, device, dtype, warmup, iters) -> dict:
+    """diffusers' pipeline, stages timed with hooks that record events on the stream (no extra syncs)."""
+    from zimage_trt.export.checkpoint import load_pipeline
+
+    base = _memory_start(device)
+    pipe = load_pipeline(model_dir, dtype, device)
+    pipe.set_progress_bar_config(disable=True)
+    clock = Clock(device)
+    marks: dict[str, list] = {"te": [], "dit": [], "vae": []}
+
+    def hooks(module, key):
+        begin = {}
+        module.register_forward_pre_hook(lambda m, a: begin.__setitem__("t", clock.start()))
+        module.register_forward_hook(lambda m, a, o: marks[key].append(clock.stop(begin["t"])))
+
+    hooks(pipe.text_encoder, "te")
+    hooks(pipe.transformer, "dit")
+    hooks(pipe.vae.decoder, "vae")
+    samples = Samples()
+    for i in range(warmup + iters):
+        for v in marks.values():
+            v.clear()
+        clock.sync()
+        t0 = time.perf_counter()
+        generator = torch.Generator("cpu").manual_seed(seed)
+        pipe(prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=0.0, generator=generator)
+        clock.sync()
+        wall = (time.perf_counter() - t0) * 1e3
+        if i < warmup:
+            continue
+        te, vae = marks["te"][0](), marks["vae"][0]()
+        passes = [m() for m in marks["dit"]]
+        samples.add("text encoder", te)
+        samples.add("transformer x1", statistics.median(passes))
+        samples.add("all passes", sum(passes))
+        samples.add("VAE decode", vae)
+        samples.add("end to end", wall)
+        samples.add("runtime overhead", wall - te - sum(passes) - vae)
+    result = {"stages": samples.summary(), "memory": _memory_end(device, base), "passes": steps}
+    del pipe
+    _free(device)
+    return result
+
+
+def bench_runtime(bundle, sessions: dict, prompt, seed, device, warmup, iters) -> dict:
+    """The runtime's verbs timed one by one; the same calls `generate` makes, in the same order."""
+    from zimage_trt.runtime.pipeline import ZImageRuntime
+
+    clock = Clock(device)
+    te, vae = TimedSession(sessions["text_encoder"], clock), TimedSession(sessions["vae_decoder"], clock)
+    rt = ZImageRuntime(bundle, {"text_encoder": te, "transformer": sessions["transformer"], "vae_decoder": vae}, device)
+    samples = Samples()
+    for i in range(warmup + iters):
+        clock.sync()
+        t0 = time.perf_counter()
+        lpad = rt.encode_prompt(rt.tokenize(prompt))
+        rt.init_latents(seed)
+        begin = clock.start()
+        rt.denoise(lpad)
+        denoise = clock.stop(begin)
+        rt.decode()  # ends with the copy of the image to the host: the one sync
+        wall = (time.perf_counter() - t0) * 1e3
+        if i < warmup:
+            continue
+        t_te, t_all, t_vae = te.last(), denoise(), vae.last()
+        samples.add("text encoder", t_te)
+        samples.add("all passes", t_all)
+        samples.add("VAE decode", t_vae)
+        samples.add("end to end", wall)
+        samples.add("runtime overhead", wall - t_te - t_all - t_vae)
+    # One pass on its own, outside the recorded loop.
+    feeds = {"latents": rt.latents, "timestep": rt.timestep, "cap_feats": rt.caption[:, :lpad], "cap_len": rt.cap_len}
+    for i in range(warmup + iters):
+        clock.sync()
+        begin = clock.start()
+        rt.transformer.run(feeds, {"velocity": rt.velocity})
+        one = clock.stop(begin)
+        clock.sync()
+        if i >= warmup:
+            samples.add("transformer x1", one())
+    return {"stages": samples.summary(), "passes": rt.schedule.passes, "lpad": lpad, "cuda_graph": rt.use_cuda_graph}
+
+
+def available_backends(requested: list[str], device: torch.device, engines) -> tuple[list[str], dict]:
+    """The backends to run and, for the others, why not."""
+    import importlib.util
+
+    run, skipped = [], {}
+    for b in requested:
+        if b == "torch":
+            run.append(b)
+        elif b == "onnxruntime":
+            if importlib.util.find_spec("onnxruntime") is None:
+                skipped[b] = "onnxruntime is not installed"
+            elif device.type == "cuda":
+                import onnxruntime as ort
+
+                if "CUDAExecutionProvider" in ort.get_available_providers():
+                    run.append(b)
+                else:
+                    skipped[b] = "this onnxruntime has no CUDA provider (CPU-only build)"
+            else:
+                run.append(b)
+        elif b == "tensorrt":
+            if engines is None:
+                skipped[b] = "no --engines given"
+            elif device.type != "cuda":
+                skipped[b] = "engines run on a GPU"
+            else:
+                run.append(b)
+        else:
+            raise UserError(f"unknown backend {b!r} for bench")
+    return run, skipped
+
+
+def run_bench(model_dir, bundle_dir, backends, engines, device, prompt, seed, warmup, iters, diffusers=True) -> dict:
+    from zimage_trt.export.configs import dit_flops_per_pass
+    from zimage_trt.runtime.bundle import Bundle
+    from zimage_trt.sessions import open_sessions
+
+    bundle = Bundle.open(bundle_dir)
+    torch_dtype = "bf16" if device.type == "cuda" else "fp32"
+    rate, rate_how = matmul_rate(device)
+    run, skipped = available_backends(backends, device, engines)
+    results: dict = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "matmul_rate_tflops": rate / 1e12,
+        "matmul_rate_measured_with": rate_how,
+        "height": bundle.height,
+        "width": bundle.width,
+        "prompt": prompt,
+        "systems": {},
+        "skipped": skipped,
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+    }
+    steps = bundle.scheduler["default_steps"]
+    if diffusers:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        results["systems"][f"diffusers eager ({torch_dtype})"] = bench_diffusers(
+            model_dir, prompt, seed, bundle.height, bundle.width, steps, device, dtype, warmup, iters
+        )
+    for backend in run:
+        base = _memory_start(device)
+        sessions = open_sessions(backend, bundle, device, model_dir=model_dir, engines=engines, torch_dtype=torch_dtype)
+        precision = "/".join(sorted({s.precision for s in sessions.values()}))
+        r = bench_runtime(bundle, sessions, prompt, seed, device, warmup, iters)
+        r["memory"] = _memory_end(device, base)
+        results["systems"][f"runtime {backend} ({precision})"] = r
+        del sessions
+        _free(device)
+    lpad = next((r["lpad"] for r in results["systems"].values() if "lpad" in r), 128)
+    cfg = bundle.manifest["config"]["transformer"]
+    image_tokens = (bundle.height // 16) * (bundle.width // 16)
+    flops = dit_flops_per_pass(cfg, image_tokens, lpad)
+    results["flops_per_pass"] = flops
+    results["floor_ms"] = {
+        "transformer x1": flops / rate * 1e3,
+        "all passes": steps * flops / rate * 1e3,
+        "end to end": steps * flops / rate * 1e3,
+    }
+    return results
+
+
+def format_table(results: dict) -> str:
+    floor = results["floor_ms"]
+    lines = [
+        f"device: {results['device']}   {results['width']}x{results['height']}   matmul rate "
+        f"{results['matmul_rate_tflops']:.0f} TFLOP/s ({results['matmul_rate_measured_with']})   "
+        f"transformer pass {results['flops_per_pass'] / 1e12:.2f} TFLOP   roofline floor: pass "
+        f"{floor['transformer x1']:.2f} ms, end to end {floor['end to end']:.1f} ms",
+        "",
+    ]
+    head = ["system", "stage", "median ms", "p90 ms", "x floor", "GPU GB"]
+    rows = [head]
+    for system, r in results["systems"].items():
+        mem = r.get("memory", {})
+        mem_s = f"{mem['device_used_gb']:.1f}" if mem else "-"
+        for stage in STAGES:
+            s = r["stages"].get(stage)
+            if not s:
+                continue
+            ratio = f"{s['median_ms'] / floor[stage]:.2f}" if stage in floor else ""
+            if stage == "runtime overhead":
+                e2e = r["stages"]["end to end"]["median_ms"]
+                ratio = f"{100 * s['median_ms'] / e2e:.2f}% of e2e"
+            rows.append([system, stage, f"{s['median_ms']:.2f}", f"{s['p90_ms']:.2f}", ratio, mem_s if stage == "end to end" else ""])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    for k, r in enumerate(rows):
+        lines.append("  ".join(r[i].ljust(widths[i]) for i in range(len(head))))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    for b, why in results["skipped"].items():
+        lines.append(f"not measured: runtime {b}: {why}")
+    return "\n".join(lines)
+
+
+def save(results: dict, path) -> None:
+    from pathlib import Path
+
+    Path(path).write_text(json.dumps(results, indent=2) + "\n")
