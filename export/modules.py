@@ -114,15 +114,17 @@ class DiTForExport(nn.Module):
         self.image_pad = (-self.image_tokens) % SEQ_MULTIPLE
         self.t_scale = float(cfg.t_scale)
 
-        (cos_t, sin_t), (cos_h, sin_h), (cos_w, sin_w) = rope_tables(cfg.axes_dims, cfg.axes_lens, cfg.rope_theta)
+        device = next(self.transformer.parameters()).device  # the tables live beside the weights
+        tables = rope_tables(cfg.axes_dims, cfg.axes_lens, cfg.rope_theta)
+        (cos_t, sin_t), (cos_h, sin_h), (cos_w, sin_w) = [(c.to(device), s.to(device)) for c, s in tables]
         self.register_buffer("cos_t", cos_t, persistent=False)
         self.register_buffer("sin_t", sin_t, persistent=False)
         # Image tokens sit at (Lpad + 1, h, w); only the first axis depends on the caption, so the h/w part is a
         # constant. Image pad tokens (when h*w is not a multiple of 32) sit at (0, 0, 0).
-        hh = torch.arange(self.h_tokens).repeat_interleave(self.w_tokens)
-        ww = torch.arange(self.w_tokens).repeat(self.h_tokens)
-        hh = torch.cat([hh, torch.zeros(self.image_pad, dtype=torch.long)])
-        ww = torch.cat([ww, torch.zeros(self.image_pad, dtype=torch.long)])
+        hh = torch.arange(self.h_tokens, device=device).repeat_interleave(self.w_tokens)
+        ww = torch.arange(self.w_tokens, device=device).repeat(self.h_tokens)
+        hh = torch.cat([hh, torch.zeros(self.image_pad, dtype=torch.long, device=device)])
+        ww = torch.cat([ww, torch.zeros(self.image_pad, dtype=torch.long, device=device)])
         self.register_buffer("cos_hw", torch.cat([cos_h[hh], cos_w[ww]], dim=-1), persistent=False)
         self.register_buffer("sin_hw", torch.cat([sin_h[hh], sin_w[ww]], dim=-1), persistent=False)
         # Captions sit at (1..Lpad, 0, 0).

@@ -62,11 +62,11 @@ class GpuPeak:
         self.stop.set()
 
 
-def run_stage(name: str, argv: list[str], log, env) -> dict:
+def run_stage(name: str, argv: list[str], log, env, cwd) -> dict:
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(argv)}", file=log, flush=True)
     start = time.perf_counter()
     with GpuPeak() as gpu:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
@@ -98,9 +98,13 @@ def main() -> int:
     zt = [sys.executable, "-m", "zimage_trt.cli"]
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
     repo = Path(__file__).resolve().parents[1]
+    # Run outside the checkout, so the installed zimage_trt is imported and not the checkout's top folder
+    # (whose subpackages are mapped from the repo root by pyproject.toml).
+    shutil.rmtree(work / "tests", ignore_errors=True)
+    shutil.copytree(repo / "tests", work / "tests")
 
     stages = [
-        ("gpu-tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(repo / "tests" / "test_engines_gpu.py")]),
+        ("gpu-tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(work / "tests" / "test_engines_gpu.py")]),
         ("make", zt + ["make-tiny", str(model), "--size", args.size, "--device", args.device]),
         ("export", zt + ["export", "--model", str(model), "--out", str(bundle), "--device", args.device, "--force"]
                    + (["--height", "256", "--width", "256", "--vae-precision", "fp32"] if args.size == "tiny" else [])),
@@ -123,7 +127,7 @@ def main() -> int:
                     records.append({"stage": name, "skipped": f"tensorrt_rtx not importable: {exc}"})
                     continue
                 shutil.rmtree(model, ignore_errors=True)  # the engines need the disk the model held
-            record = run_stage(name, argv, log, env)
+            record = run_stage(name, argv, log, env, work)
             records.append(record)
             (results / "stages.json").write_text(json.dumps(records, indent=2) + "\n")
             if record["exit_code"] != 0 and name in ("make", "export"):

@@ -302,12 +302,19 @@ def run_bench(model_dir, bundle_dir, backends, engines, device, prompt, seed, wa
     return results
 
 
+def _si(value: float) -> str:
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M")):
+        if value >= factor:
+            return f"{value / factor:.3g} {prefix}"
+    return f"{value:.3g} "
+
+
 def format_table(results: dict) -> str:
     floor = results["floor_ms"]
     lines = [
         f"device: {results['device']}   {results['width']}x{results['height']}   matmul rate "
-        f"{results['matmul_rate_tflops']:.0f} TFLOP/s ({results['matmul_rate_measured_with']})   "
-        f"transformer pass {results['flops_per_pass'] / 1e12:.2f} TFLOP   roofline floor: pass "
+        f"{_si(results['matmul_rate_tflops'] * 1e12)}FLOP/s ({results['matmul_rate_measured_with']})   "
+        f"transformer pass {_si(results['flops_per_pass'])}FLOP   roofline floor: pass "
         f"{floor['transformer x1']:.2f} ms, end to end {floor['end to end']:.1f} ms",
         "",
     ]
