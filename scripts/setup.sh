@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch first and alone: with it in place no other package pulls a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "$(grep '^torch==' requirements-ci.txt)"
-.venv/bin/python -m pip install -q -r requirements-ci.txt
+.venv/bin/python -m pip install -q -r requirements-ci.txt -c constraints-ci.txt
 .venv/bin/python -m pip install -q --no-deps -e .
 .venv/bin/zimage-trt --help >/dev/null
 echo "setup done: .venv/bin/zimage-trt is ready"

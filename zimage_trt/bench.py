@@ -28,39 +28,12 @@ import numpy as np
 import torch
 
 from zimage_trt.errors import UserError
+from zimage_trt.runtime.timing import Clock
 
 STAGES = ("text encoder", "transformer x1", "all passes", "VAE decode", "end to end", "runtime overhead")
 BARS = {"text encoder": 5.0, "VAE decode": 40.0}  # ms, the project's bar on an H100/H200-class GPU
 E2E_BAR = 1.2  # end to end within 1.2x of the roofline floor
 OVERHEAD_BAR = 0.01  # runtime work between network calls under 1% of the total
-
-
-class Clock:
-    """Start/stop timing of GPU work on the current stream (CUDA events) or of CPU work (perf_counter)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.pending: list = []
-
-    def start(self):
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
-
-    def stop(self, begin) -> "callable":
-        """Returns a function that gives the elapsed ms (after the device is synchronised)."""
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            return lambda: begin.elapsed_time(end)
-        ms = (time.perf_counter() - begin) * 1e3
-        return lambda: ms
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
 
 
 @dataclass

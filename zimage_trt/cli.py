@@ -194,6 +194,27 @@ def cmd_bench(args) -> None:
         print(f"results: {args.json}")
 
 
+# ------------------------------------------------------------------------------------------ serve
+def cmd_serve(args) -> None:
+    from zimage_trt.server import ServeOptions, serve
+
+    if args.queue_size < 1 or args.timeout <= 0:
+        raise UserError("--queue-size must be at least 1 and --timeout positive")
+    opts = ServeOptions(
+        bundle=args.bundle, backend=args.backend, engines=args.engines, model=args.model, device=args.device,
+        torch_dtype=args.torch_dtype, queue_size=args.queue_size, timeout_s=args.timeout, max_n=args.max_n,
+    )
+    if args.ray:
+        from zimage_trt.ray_serve import parse_autoscale, run
+        from zimage_trt.runtime.bundle import Bundle
+
+        Bundle.open(args.bundle)
+        run(opts, args.host, args.port, args.replicas, parse_autoscale(args.autoscale))
+    else:
+        print(f"serving {args.bundle} ({args.backend}) on http://{args.host}:{args.port}  (POST /v1/images/generations)")
+        serve(opts, args.host, args.port)
+
+
 # ------------------------------------------------------------------------------------------ demo
 def cmd_demo(args) -> None:
     import shutil
@@ -342,6 +363,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-diffusers", action="store_true", help="skip diffusers' pipeline")
     p.add_argument("--json", help="also write the results as JSON here")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "serve",
+        help="serve images over HTTP (OpenAI images API), on one GPU or scaled out with Ray Serve",
+        description="POST /v1/images/generations (prompt, n, size, response_format=b64_json, seed, "
+        "num_inference_steps), GET /health, GET /metrics. One worker owns the GPU behind a bounded queue: a full "
+        "queue answers 429 with Retry-After, a request past its deadline 503.",
+    )
+    runtime_args(p, False)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--queue-size", type=int, default=8, help="requests that may wait for the GPU (default 8)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take, queue included (default 120)")
+    p.add_argument("--max-n", type=int, default=4, help="largest n (images per request) accepted (default 4)")
+    p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (one replica per GPU)")
+    p.add_argument("--replicas", type=int, default=1, help="with --ray: number of replicas (default 1)")
+    p.add_argument("--autoscale", help="with --ray: MIN:MAX replicas, scaled on ongoing requests")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="tiny model -> export -> generate -> parity, on a CPU in about a minute")
     p.add_argument("--workdir", default="zimage-demo", help="folder for the model, bundle and image (default ./zimage-demo)")

@@ -129,7 +129,7 @@ def run_parity(model_dir, bundle, sessions: dict, backend: str, prompt: str, see
 
     dit_in = {
         "latents": first_latents,
-        "timestep": ref_rt.model_t[:1].clone(),
+        "timestep": ref_rt.plan().t_rows[0].clone(),
         "cap_feats": caption,
         "cap_len": torch.tensor([n], device=device),
     }

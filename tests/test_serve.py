@@ -1,0 +1,209 @@
+"""The HTTP server, started for real on loopback with the tiny bundle: endpoints, every bad input, the queue's
+429, the deadline's 503, disconnects, graceful shutdown, and the load test."""
+
+from __future__ import annotations
+
+import base64
+import io
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from .conftest import PROMPT, SIZE
+from .serving import loadtest, running_server
+
+pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn, prometheus-client) is not installed")
+
+LONG = {"prompt": "a long job", "n": 4, "num_inference_steps": 50, "seed": 1}  # ~seconds on a CPU
+
+
+@pytest.fixture(scope="module")
+def server(fp32_bundle):
+    with running_server(fp32_bundle, "--queue-size", "2") as s:
+        yield s
+
+
+def wait_for(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.1)
+
+
+def decode(item) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).convert("RGB"))
+
+
+def test_health_and_metrics(server):
+    status, _, body = server.get("/health")
+    assert status == 200 and b'"ready"' in body and f"{SIZE}x{SIZE}".encode() in body
+    _, headers, body = server.get("/metrics")
+    text = body.decode()
+    for name in ("zimage_request_latency_seconds", "zimage_stage_latency_seconds", "zimage_queue_depth",
+                 "zimage_rejected_requests_total", "process_resident_memory_bytes"):
+        assert name in text
+
+
+def test_generation_is_the_runtimes_image(server, fp32_bundle):
+    from zimage_trt.runtime.bundle import Bundle
+    from zimage_trt.runtime.pipeline import ZImageRuntime
+    from zimage_trt.sessions import open_sessions
+
+    status, headers, body = server.post({"prompt": PROMPT, "n": 2, "size": f"{SIZE}x{SIZE}", "seed": 11,
+                                         "response_format": "b64_json"})
+    assert status == 200, body
+    assert isinstance(body["created"], int) and body["seed"] == 11 and body["size"] == f"{SIZE}x{SIZE}"
+    assert [d["seed"] for d in body["data"]] == [11, 12]
+    bundle = Bundle.open(fp32_bundle)
+    import torch
+
+    rt = ZImageRuntime(bundle, open_sessions("onnxruntime", bundle, torch.device("cpu")))
+    assert np.array_equal(decode(body["data"][0]), rt.generate(PROMPT, 11))
+    assert np.array_equal(decode(body["data"][1]), rt.generate(PROMPT, 12))
+    assert server.metric("zimage_stage_latency_seconds_count", stage="denoise") >= 2
+
+
+def test_a_prompt_over_512_tokens_is_truncated_as_the_reference_does(server):
+    status, _, body = server.post({"prompt": "many words in a very long caption " * 150, "seed": 0})
+    assert status == 200
+    assert body["prompt_tokens"] == 512 and body["prompt_truncated"] is True
+    status, _, body = server.post({"prompt": "short", "seed": 0})
+    assert body["prompt_truncated"] is False and body["prompt_tokens"] < 32
+
+
+@pytest.mark.parametrize(
+    "body, param, needle",
+    [
+        ({"prompt": ""}, "prompt", "empty"),
+        ({"prompt": "   "}, "prompt", "empty"),
+        ({"prompt": 42}, "prompt", "must be a string"),
+        ({}, "prompt", "must be a string"),
+        ({"prompt": "x", "n": 0}, "n", "from 1 to 4"),
+        ({"prompt": "x", "n": 5}, "n", "from 1 to 4"),
+        ({"prompt": "x", "n": "2"}, "n", "integer"),
+        ({"prompt": "x", "size": "1024x1024"}, "size", f"supported sizes: {SIZE}x{SIZE}"),
+        ({"prompt": "x", "size": "big"}, "size", "supported sizes"),
+        ({"prompt": "x", "response_format": "url"}, "response_format", "use 'b64_json'"),
+        ({"prompt": "x", "seed": -1}, "seed", "non-negative"),
+        ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps", "from 1 to 50"),
+        ({"prompt": "x", "num_inference_steps": 500}, "num_inference_steps", "from 1 to 50"),
+        ([1, 2], None, "JSON object"),
+    ],
+)
+def test_bad_input_is_a_400_in_the_openai_shape_and_never_reaches_the_gpu(server, body, param, needle):
+    before = server.metric("zimage_images_total")
+    status, _, answer = server.post(body)
+    assert status == 400
+    error = answer["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and needle in error["message"]
+    assert server.metric("zimage_images_total") == before
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"", b"\xff\xfe"])
+def test_malformed_json_is_a_400(server, raw):
+    status, _, answer = server.post(None, raw=raw)
+    assert status == 400 and answer["error"]["code"] == "invalid_json"
+
+
+def test_a_full_queue_answers_429_with_retry_after(server):
+    results = []
+
+    def send(i):
+        results.append(server.post(dict(LONG, seed=i)))
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(6)]  # 1 running + 2 queued fit
+    for t in threads:
+        t.start()
+        time.sleep(0.02)
+    for t in threads:
+        t.join()
+    codes = sorted(r[0] for r in results)
+    assert codes.count(200) >= 3 and codes.count(429) >= 1 and set(codes) <= {200, 429}
+    for status, headers, body in results:
+        if status == 429:
+            assert int(headers["retry-after"]) >= 1 and body["error"]["code"] == "queue_full"
+    assert server.metric("zimage_rejected_requests_total", reason="queue_full") >= 1
+
+
+def test_past_the_deadline_is_a_503_and_costs_no_gpu_time(fp32_bundle):
+    # Four long jobs, a 1 s deadline: the first runs (and overruns), the three behind it expire in the queue.
+    with running_server(fp32_bundle, "--queue-size", "4", "--timeout", "1") as s:
+        results = []
+        threads = [threading.Thread(target=lambda i=i: results.append(s.post(dict(LONG, seed=i)))) for i in range(4)]
+        for t in threads:
+            t.start()
+            time.sleep(0.05)
+        for t in threads:
+            t.join()
+        assert [r[0] for r in results] == [503] * 4
+        assert all(r[2]["error"]["code"] == "timeout" for r in results)
+        # The worker finishes the first job, then reaches the abandoned ones and drops them.
+        wait_for(lambda: s.metric("zimage_skipped_jobs_total", reason="deadline") == 3)
+        assert s.metric("zimage_images_total") == 4  # the first job's images, nothing else
+
+
+def test_a_client_that_disconnects_while_queued_costs_no_gpu_time(fp32_bundle):
+    with running_server(fp32_bundle, "--queue-size", "4") as s:
+        first = threading.Thread(target=lambda: s.post(LONG))
+        first.start()
+        time.sleep(0.3)
+        raw = b'{"prompt": "gone before its turn", "seed": 5}'
+        with socket.create_connection(("127.0.0.1", s.port)) as sock:
+            sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
+            time.sleep(0.3)  # queued behind the long job
+        first.join()
+        wait_for(lambda: s.metric("zimage_skipped_jobs_total", reason="disconnected") == 1)
+        assert s.metric("zimage_images_total") == 4  # the long job's, nothing for the one that left
+
+
+def test_shutdown_finishes_the_request_in_flight(fp32_bundle):
+    with running_server(fp32_bundle) as s:
+        results = []
+        t = threading.Thread(target=lambda: results.append(s.post(LONG)))
+        t.start()
+        time.sleep(0.5)
+        s.proc.send_signal(signal.SIGTERM)
+        t.join()
+        assert results[0][0] == 200 and len(results[0][2]["data"]) == 4
+        # uvicorn re-raises the signal once it has shut down gracefully, so -SIGTERM is a clean exit too.
+        assert s.proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert "Traceback" not in s.proc.stderr.read()
+        with pytest.raises(OSError):
+            s.get("/health")
+
+
+def test_serve_refuses_a_missing_bundle(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "zimage_trt.cli", "serve", "--bundle", str(tmp_path / "none")],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip().startswith("error: bundle") and "Traceback" not in out.stderr
+
+
+def test_load_test_loses_nothing(fp32_bundle, tmp_path):
+    report = tmp_path / "load.json"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "loadtest.py"
+    out = subprocess.run([sys.executable, str(script), "--bundle", str(fp32_bundle), "--device", "cpu",
+                          "--queue-size", "2", "--requests", "60", "--time-limit", "120", "--json", str(report)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    import json
+
+    r = json.loads(report.read_text())
+    assert r["lost"] == 0 and r["malformed"] == 0 and r["memory_flat"]
+    assert r["ok"] + r["rejected_429"] + r["rejected_503"] == r["sent"] == 60
+    assert r["ok"] > 0 and r["rejected_429"] > 0  # 4x overload: some served, some told to come back
+    assert r["clients"] == 12
+
+
+def test_load_test_refuses_other_hosts():
+    out = subprocess.run([sys.executable, str(Path(loadtest.__file__)), "--url", "http://10.1.2.3:8000"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "only loopback" in out.stderr

@@ -1,0 +1,341 @@
+"""`zimage-trt serve`: an OpenAI-compatible image API around the runtime.
+
+    POST /v1/images/generations   {"prompt", "n", "size", "response_format": "b64_json", "seed", "num_inference_steps"}
+    GET  /health                  200 once the engines are loaded and warmed, 503 before and while draining
+    GET  /metrics                 Prometheus: request latency, per-stage latency, queue depth, rejections
+
+One process owns the GPU: requests are validated in the event loop (a bad one never reaches the GPU), then wait
+in a bounded queue for the single worker thread that runs the runtime. A full queue answers 429 with
+Retry-After; a request still waiting at its deadline answers 503 and is skipped by the worker; a client that
+disconnects while queued is skipped too. On shutdown the server stops taking requests and finishes the ones it
+has. Prompts longer than the model's 512 tokens are truncated, as the reference pipeline truncates them; the
+response says so (`prompt_truncated`).
+"""
+
+
+import asyncio
+import base64
+import io
+import json
+import os
+import queue
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+from zimage_trt.errors import UserError
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class ServeOptions:
+    bundle: str
+    backend: str = "onnxruntime"
+    engines: str | None = None
+    model: str | None = None
+    device: str = "auto"
+    torch_dtype: str = "fp32"
+    queue_size: int = 8  # requests waiting for the GPU, beyond the one it runs
+    timeout_s: float = 120.0  # a request's deadline, from arrival
+    max_n: int = 4
+    max_steps: int = 50
+    warmup: bool = True
+
+
+class ApiError(Exception):
+    """An error answer in the OpenAI shape."""
+
+    def __init__(self, status: int, message: str, param=None, code=None, kind="invalid_request_error", headers=None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Job:
+    prompt: str
+    seeds: list[int]
+    steps: int
+    deadline: float
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    cancelled: str = ""  # why the HTTP side gave up on it: "disconnected" | "deadline"
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class Metrics:
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
+        self.registry = r = CollectorRegistry()
+        ProcessCollector(registry=r)
+        buckets = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
+        self.latency = Histogram("zimage_request_latency_seconds", "Request latency, arrival to answer", ["status"], buckets=buckets, registry=r)
+        self.stage = Histogram("zimage_stage_latency_seconds", "Device time per stage of a generation", ["stage"], buckets=buckets, registry=r)
+        self.queue_depth = Gauge("zimage_queue_depth", "Requests waiting for the GPU", registry=r)
+        self.rejected = Counter("zimage_rejected_requests_total", "Requests answered without an image", ["reason"], registry=r)
+        self.images = Counter("zimage_images_total", "Images generated for requests (warm-up excluded)", registry=r)
+        self.skipped = Counter("zimage_skipped_jobs_total", "Queued requests dropped before the GPU saw them", ["reason"], registry=r)
+
+
+class ImageService:
+    """The runtime behind a bounded queue and one worker thread."""
+
+    def __init__(self, opts: ServeOptions):
+        self.opts = opts
+        self.metrics = Metrics()
+        self.queue: queue.Queue = queue.Queue(maxsize=opts.queue_size)
+        self.ready = False
+        self.draining = False
+        self.worker: threading.Thread | None = None
+        self.runtime = None
+        self.avg_seconds = 1.0  # running estimate of one job, for Retry-After
+        self.served_by = f"{socket.gethostname()}:{os.getpid()}"
+
+    # ------------------------------------------------------------ lifecycle
+    def load(self) -> None:
+        from zimage_trt.runtime.bundle import Bundle
+        from zimage_trt.runtime.pipeline import ZImageRuntime
+        from zimage_trt.runtime.tokenizer import PromptTokenizer
+        from zimage_trt.sessions import open_sessions, resolve_device
+
+        o = self.opts
+        self.bundle = Bundle.open(o.bundle)
+        device = resolve_device(o.device)
+        sessions = open_sessions(o.backend, self.bundle, device, model_dir=o.model, engines=o.engines, torch_dtype=o.torch_dtype)
+        self.runtime = ZImageRuntime(self.bundle, sessions, device)
+        self.tokenizer = PromptTokenizer(self.bundle.root / "tokenizer", self.bundle.max_caption_tokens)
+        self.size = f"{self.bundle.width}x{self.bundle.height}"
+        if o.warmup:
+            start = time.monotonic()
+            self.runtime.generate("warm-up", 0)
+            self.avg_seconds = time.monotonic() - start
+        self.worker = threading.Thread(target=self._work, name="zimage-gpu-worker", daemon=True)
+        self.worker.start()
+        self.ready = True
+
+    def stop(self) -> None:
+        """Stop taking requests; the worker finishes what is queued and running, then exits."""
+        self.draining = True
+        self.ready = False
+        if self.worker is not None:
+            self.queue.put(None)  # after everything queued: blocks only while the queue is full
+            self.worker.join()
+
+    # ------------------------------------------------------------ the GPU side
+    def _work(self) -> None:
+        from zimage_trt.runtime.timing import Clock
+
+        clock = Clock(self.runtime.device)
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            self.metrics.queue_depth.set(self.queue.qsize())
+            if job.cancelled:
+                self.metrics.skipped.labels(job.cancelled).inc()
+                continue
+            if time.monotonic() > job.deadline:
+                self.metrics.skipped.labels("deadline").inc()
+                job.loop.call_soon_threadsafe(_resolve, job.future, None, ApiError(
+                    503, "the request waited past its deadline", code="timeout", kind="server_error"))
+                continue
+            start = time.monotonic()
+            try:
+                images = [self._generate(job, seed, clock) for seed in job.seeds]
+                result, error = images, None
+            except Exception as exc:  # noqa: BLE001 - the request fails, the worker lives on
+                result, error = None, ApiError(500, f"generation failed: {exc}", code="internal", kind="server_error")
+            self.avg_seconds = 0.8 * self.avg_seconds + 0.2 * (time.monotonic() - start)
+            job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
+
+    def _generate(self, job: Job, seed: int, clock):
+        rt = self.runtime
+        marks = {}
+        begin = clock.start()
+        lpad = rt.encode_prompt(rt.tokenize(job.prompt))
+        marks["text_encoder"] = clock.stop(begin)
+        rt.init_latents(seed)
+        begin = clock.start()
+        rt.denoise(lpad, job.steps)
+        marks["denoise"] = clock.stop(begin)
+        begin = clock.start()
+        pixels = rt.decode()  # syncs: every mark above is complete now
+        marks["vae_decode"] = clock.stop(begin)
+        for stage, elapsed in marks.items():
+            self.metrics.stage.labels(stage).observe(elapsed() / 1e3)
+        self.metrics.images.inc()
+        return pixels
+
+    # ------------------------------------------------------------ the HTTP side
+    def validate(self, body) -> dict:
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise ApiError(400, "'prompt' must be a string", "prompt", "invalid_prompt")
+        if not prompt.strip():
+            raise ApiError(400, "'prompt' is empty", "prompt", "invalid_prompt")
+        n = body.get("n", 1)
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.opts.max_n:
+            raise ApiError(400, f"'n' must be an integer from 1 to {self.opts.max_n}", "n", "invalid_n")
+        size = body.get("size", "auto")
+        if size not in ("auto", self.size):
+            raise ApiError(400, f"size {size!r} is not served here; supported sizes: {self.size} (engines are built per resolution)",
+                           "size", "unsupported_size")
+        fmt = body.get("response_format", "b64_json")
+        if fmt != "b64_json":
+            raise ApiError(400, f"response_format {fmt!r} is not supported; use 'b64_json'", "response_format",
+                           "unsupported_response_format")
+        steps = body.get("num_inference_steps", self.runtime.default_steps)
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= self.opts.max_steps:
+            raise ApiError(400, f"'num_inference_steps' must be an integer from 1 to {self.opts.max_steps}",
+                           "num_inference_steps", "invalid_steps")
+        seed = body.get("seed")
+        if seed is None:
+            seed = secrets.randbelow(2**31)
+        elif not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED - self.opts.max_n:
+            raise ApiError(400, "'seed' must be a non-negative integer", "seed", "invalid_seed")
+        ids = self.tokenizer.tokenizer.encode(self.tokenizer.chat_text(prompt)).ids
+        return {
+            "prompt": prompt,
+            "n": n,
+            "steps": steps,
+            "seed": seed,
+            "prompt_tokens": min(len(ids), self.tokenizer.max_length),
+            "prompt_truncated": len(ids) > self.tokenizer.max_length,
+        }
+
+    def submit(self, req: dict, loop) -> Job:
+        if self.draining or not self.ready:
+            raise ApiError(503, "the server is not ready" if not self.draining else "the server is shutting down",
+                           code="unavailable", kind="server_error")
+        job = Job(req["prompt"], [req["seed"] + i for i in range(req["n"])], req["steps"],
+                  time.monotonic() + self.opts.timeout_s, loop, loop.create_future())
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            retry = max(1, round(self.avg_seconds * (self.queue.qsize() + 1)))
+            raise ApiError(429, f"the queue is full ({self.opts.queue_size} waiting); retry in about {retry} s",
+                           code="queue_full", kind="rate_limit_error", headers={"Retry-After": str(retry)}) from None
+        self.metrics.queue_depth.set(self.queue.qsize())
+        return job
+
+
+def _resolve(future: asyncio.Future, result, error) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _png_b64(pixels) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def create_app(opts: ServeOptions):
+    """The FastAPI app; the runtime loads at startup (in a thread, so /health answers 503 meanwhile)."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response
+
+    service = ImageService(opts)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await asyncio.to_thread(service.load)
+        yield
+        await asyncio.to_thread(service.stop)
+
+    app = FastAPI(title="zimage-trt", lifespan=lifespan)
+    app.state.service = service
+
+    def error_response(err: ApiError, started: float) -> JSONResponse:
+        reason = err.code or "invalid"
+        service.metrics.rejected.labels(reason).inc()
+        service.metrics.latency.labels(str(err.status)).observe(time.monotonic() - started)
+        headers = dict(err.headers, **{"X-Served-By": service.served_by})
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+    @app.post("/v1/images/generations")
+    async def generations(request: Request):
+        started = time.monotonic()
+        try:
+            raw = await request.body()
+            try:
+                body = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ApiError(400, f"the request body is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})",
+                               code="invalid_json") from None
+            if not service.ready:
+                raise ApiError(503, "the server is not ready", code="unavailable", kind="server_error")
+            req = service.validate(body)
+            job = service.submit(req, asyncio.get_running_loop())
+            while not job.future.done():
+                await asyncio.wait({job.future}, timeout=0.1)
+                if job.future.done():
+                    break
+                if await request.is_disconnected():
+                    job.cancelled = "disconnected"
+                    service.metrics.rejected.labels("disconnected").inc()
+                    return Response(status_code=499)
+                if time.monotonic() > job.deadline:
+                    job.cancelled = "deadline"
+                    raise ApiError(503, f"no image within the {opts.timeout_s:g} s deadline", code="timeout", kind="server_error")
+            images = job.future.result()  # raises the worker's ApiError
+            data = []
+            for pixels, seed in zip(images, job.seeds):
+                data.append({"b64_json": await asyncio.to_thread(_png_b64, pixels), "seed": seed})
+        except ApiError as err:
+            return error_response(err, started)
+        service.metrics.latency.labels("200").observe(time.monotonic() - started)
+        body = {
+            "created": int(time.time()),
+            "data": data,
+            "seed": req["seed"],
+            "size": service.size,
+            "num_inference_steps": req["steps"],
+            "prompt_tokens": req["prompt_tokens"],
+            "prompt_truncated": req["prompt_truncated"],
+        }
+        return JSONResponse(body, headers={"X-Served-By": service.served_by})
+
+    @app.get("/health")
+    async def health():
+        if service.ready:
+            return {"status": "ready", "backend": opts.backend, "size": service.size, "queue_depth": service.queue.qsize()}
+        status = "draining" if service.draining else "loading"
+        return JSONResponse({"status": status}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def serve(opts: ServeOptions, host: str, port: int) -> None:
+    """Run the app with uvicorn until SIGINT/SIGTERM; in-flight requests are finished first."""
+    import uvicorn
+
+    from zimage_trt.runtime.bundle import Bundle
+
+    Bundle.open(opts.bundle)  # a bad path fails here, with one line, before uvicorn starts
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port {port} is not a TCP port")
+    uvicorn.run(create_app(opts), host=host, port=port, log_level="warning", timeout_graceful_shutdown=opts.timeout_s)
