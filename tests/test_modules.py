@@ -86,3 +86,26 @@ def test_vae_wrapper_equals_the_pipeline_decode(tiny_model):
         got = VaeDecoderForExport(vae)(latents)
     assert got.shape == (1, 3, 96, 160)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_rope_tables_follow_the_weights_device(transformer):
+    # At full size the model sits on the GPU; tables built on the CPU broke the export there
+    # ("found two different devices cuda:0, cpu"). The meta device shows the same on any machine.
+    import copy
+
+    on_meta = copy.deepcopy(transformer).to("meta")
+    wrapper = DiTForExport(on_meta, 16, 16, inplace=True)
+    assert {b.device.type for b in wrapper.buffers()} == {"meta"}
+
+
+def test_make_tiny_is_deterministic_for_a_seed(tmp_path):
+    from zimage_trt.export.tiny import make_tiny
+
+    a, b, c = (make_tiny(tmp_path / name, seed=s) for name, s in (("a", 3), ("b", 3), ("c", 4)))
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert len(files) >= 9
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    assert (a / "transformer/diffusion_pytorch_model.safetensors").read_bytes() != (
+        c / "transformer/diffusion_pytorch_model.safetensors"
+    ).read_bytes()
