@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="show the builder's log")
     p.set_defaults(func=cmd_build)
 
-    def runtime_args(p, need_out: bool):
+    def runtime_args(p):
         p.add_argument("--bundle", required=True, help="bundle folder made by `zimage-trt export`")
         p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"),
                        help="onnxruntime (default), torch (eager reference, needs --model), tensorrt (needs --engines)")
@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate one image from a prompt",
                        description="Run the lean runtime: tokenizer, text encoder, 9 transformer passes, VAE.")
-    runtime_args(p, True)
+    runtime_args(p)
     p.add_argument("--prompt", required=True, help="the text prompt")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--steps", type=int, default=None, help="number of steps (default: the bundle's, 9)")
@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("parity", help="compare every stage of a backend with eager PyTorch and diffusers",
                        description="Per-network errors against the float32 reference modules and the image's PSNR "
                        "against diffusers' ZImagePipeline, as a table. Exit 2 if a stage is out of bounds.")
-    runtime_args(p, False)
+    runtime_args(p)
     p.set_defaults(model=None)
     p.add_argument("--prompt", default="A photograph of a red fox sitting in fresh snow at sunrise")
     p.add_argument("--seed", type=int, default=42)
@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
         "num_inference_steps), GET /health, GET /metrics. One worker owns the GPU behind a bounded queue: a full "
         "queue answers 429 with Retry-After, a request past its deadline 503.",
     )
-    runtime_args(p, False)
+    runtime_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--queue-size", type=int, default=8, help="requests that may wait for the GPU (default 8)")
