@@ -13,6 +13,7 @@ and the GPU (engine/sidecar.py); a stale or foreign engine is refused with the r
 
 from __future__ import annotations
 
+import atexit
 from pathlib import Path
 
 import torch
@@ -27,7 +28,11 @@ from .bundle import NETWORKS, Bundle
 class TrtSession:
     capturable = True
 
-    def __init__(self, name: str, flavour, runtime, engine_file: Path, device: torch.device, precision: str):
+    def __init__(
+        self, name: str, flavour, runtime, engine_file: Path, device: torch.device, precision: str, eager: bool
+    ):
+        """eager: (TensorRT-RTX) compile shape-specialised kernels at the first run of a new shape, before the
+        runtime records it in a CUDA graph; otherwise they are compiled in the background and swapped in later."""
         trt = flavour.trt
         self.name, self.device, self.flavour, self.precision = name, device, flavour, precision
         self.engine = runtime.deserialize_cuda_engine(engine_file.read_bytes())
@@ -37,8 +42,8 @@ class TrtSession:
         if flavour.is_rtx:
             config = self.engine.create_runtime_config()
             config.set_execution_context_allocation_strategy(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-            # Specialise kernels for a new caption length at its first run, before the loop is recorded.
-            config.dynamic_shapes_kernel_specialization_strategy = trt.DynamicShapesKernelSpecializationStrategy.EAGER
+            strategy = trt.DynamicShapesKernelSpecializationStrategy
+            config.dynamic_shapes_kernel_specialization_strategy = strategy.EAGER if eager else strategy.LAZY
             config.cuda_graph_strategy = trt.CudaGraphStrategy.DISABLED  # the runtime records the whole loop
             self.cache = config.create_runtime_cache()
             self.cache_file = engine_file.with_name(engine_file.name + ".runtime_cache")
@@ -52,6 +57,7 @@ class TrtSession:
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.shapes: dict[str, tuple] = {}
+        self.eager = eager and self.cache_file is not None
 
     @property
     def device_memory_size(self) -> int:
@@ -76,7 +82,12 @@ class TrtSession:
             ctx.set_tensor_address(n, outputs[n].data_ptr())
         if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise RuntimeError(f"{self.name}: execute_async_v3 failed (see the TensorRT log)")
-        if new_shape and self.cache_file is not None:
+        if new_shape and self.eager:
+            self.save_runtime_cache()  # eager specialisation has just compiled this shape's kernels
+
+    def save_runtime_cache(self) -> None:
+        """Write TensorRT-RTX's compiled kernels beside the engine, so the next process starts warm."""
+        if self.cache_file is not None:
             sidecar.write_atomic(self.cache_file, bytes(memoryview(self.cache.serialize())))
 
 
@@ -109,7 +120,14 @@ def open_engine_sessions(bundle: Bundle, engines_dir, device: torch.device) -> d
     if flavour.is_rtx and gpu["cc"] in RTX_UNSUPPORTED_CC:
         raise UserError(f"TensorRT-RTX does not run on {gpu['name']}; build with --backend tensorrt on this GPU")
     runtime = flavour.trt.Runtime(flavour.logger())
-    sessions = {n: TrtSession(n, flavour, runtime, files[n], device, metas[n]["precision"]) for n in NETWORKS}
+    # The transformer's loop is recorded per caption length (at most 16): its kernels are specialised up front.
+    # The text encoder sees a new length with nearly every prompt: it runs generic kernels meanwhile.
+    sessions = {
+        n: TrtSession(n, flavour, runtime, files[n], device, metas[n]["precision"], eager=(n == "transformer"))
+        for n in NETWORKS
+    }
+    if flavour.is_rtx:
+        atexit.register(lambda: [s.save_runtime_cache() for s in sessions.values()])
     # The engines run one after another on one stream: one block, sized for the largest, serves them all.
     size = max(s.device_memory_size for s in sessions.values())
     block = torch.empty(max(size, 1), dtype=torch.uint8, device=device)
