@@ -71,12 +71,14 @@ def _load_scales(path):
 
 
 def _read_prompts(path):
+    from zimage_trt.calibration import parse_prompts
+
     if path is None:
         return None
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--calibration-prompts {path}: no such file")
-    prompts = [line.strip() for line in p.read_text("utf-8").splitlines() if line.strip() and not line.startswith("#")]
+    prompts = parse_prompts(p.read_text("utf-8"))
     if not prompts:
         raise UserError(f"--calibration-prompts {path} holds no prompts")
     return prompts
@@ -84,6 +86,7 @@ def _read_prompts(path):
 
 def cmd_export(args) -> None:
     from zimage_trt.export.bundle import ExportOptions, export_bundle
+    from zimage_trt.export.onnx_export import CheckResult
 
     opts = ExportOptions(
         height=args.height,
@@ -100,8 +103,6 @@ def cmd_export(args) -> None:
     manifest = export_bundle(args.model, args.out, opts)
     print(f"bundle written to {args.out} in {time.perf_counter() - start:.1f} s")
     for check in manifest["checks"]:
-        from zimage_trt.export.onnx_export import CheckResult
-
         print("  " + CheckResult(**check).line())
 
 
@@ -137,9 +138,9 @@ def _sessions(args, bundle):
         args.backend,
         bundle,
         device,
-        model_dir=getattr(args, "model", None),
-        engines=getattr(args, "engines", None),
-        torch_dtype=getattr(args, "torch_dtype", "fp32"),
+        model_dir=args.model,
+        engines=args.engines,
+        torch_dtype=args.torch_dtype,
     )
     return sessions, device
 
@@ -160,14 +161,19 @@ def cmd_generate(args) -> None:
 
 # ------------------------------------------------------------------------------------------ parity
 def cmd_parity(args) -> None:
-    from zimage_trt.parity import format_table, run_parity
+    from zimage_trt.parity import run_parity
     from zimage_trt.runtime.bundle import Bundle
 
     bundle = Bundle.open(args.bundle)
     backend = "tensorrt" if args.engines else args.backend
     args.backend = backend
     sessions, device = _sessions(args, bundle)
-    rows = run_parity(args.model, bundle, sessions, backend, args.prompt, args.seed, device)
+    _report_parity(run_parity(args.model, bundle, sessions, backend, args.prompt, args.seed, device))
+
+
+def _report_parity(rows) -> None:
+    from zimage_trt.parity import format_table
+
     print(format_table(rows))
     if not all(r.ok for r in rows):
         raise UserError("parity failed: a stage is outside its bound (see the table)")
@@ -221,7 +227,7 @@ def cmd_demo(args) -> None:
 
     from zimage_trt.export.bundle import ExportOptions, export_bundle
     from zimage_trt.export.tiny import make_tiny
-    from zimage_trt.parity import format_table, run_parity
+    from zimage_trt.parity import run_parity
     from zimage_trt.runtime.bundle import Bundle
     from zimage_trt.runtime.pipeline import ZImageRuntime, save_png
     from zimage_trt.sessions import open_sessions, resolve_device
@@ -246,10 +252,10 @@ def cmd_demo(args) -> None:
     print(f"      {rt.schedule.passes} transformer passes in {time.perf_counter() - t0:.2f} s")
     print("[4/4] parity against eager PyTorch and diffusers' ZImagePipeline")
     rows = run_parity(model, bundle, sessions, "onnxruntime", args.prompt, args.seed, device)
-    print(format_table(rows))
-    print(f"demo finished in {time.perf_counter() - start:.0f} s; image: {png}")
-    if not all(r.ok for r in rows):
-        raise UserError("parity failed: a stage is outside its bound (see the table)")
+    try:
+        _report_parity(rows)
+    finally:
+        print(f"demo finished in {time.perf_counter() - start:.0f} s; image: {png}")
 
 
 # ------------------------------------------------------------------------------------------ parser
