@@ -299,6 +299,7 @@ class _Builder:
             "backend": self.flavour.name,
             "backend_version": self.flavour.version,
             "targets": self.targets,
+            "request": _request(self.opts),
             "build": {
                 "flags": flags,
                 "seconds": round(seconds, 2),
@@ -310,6 +311,11 @@ class _Builder:
         }
         sidecar.write_sidecar(engine, meta)
         return BuildResult(name, "built", "", seconds, meta)
+
+
+def _request(opts: BuildOptions) -> dict:
+    """The build options that shape an engine: a change in any of them makes it stale."""
+    return {"opt_tokens": opts.opt_tokens, "opt_level": opts.opt_level}
 
 
 def build_engines(bundle_dir, out_dir, opts: BuildOptions | None = None) -> list[BuildResult]:
@@ -330,13 +336,14 @@ def build_engines(bundle_dir, out_dir, opts: BuildOptions | None = None) -> list
     todo, results = [], []
     for name in opts.networks:
         engine = sidecar.engine_path(out, name)
+        meta = sidecar.read_sidecar(engine)
         reason = "--force" if opts.force else sidecar.stale_reason(
-            sidecar.read_sidecar(engine), engine, bundle.network(name), flavour.name, flavour.version, targets
+            meta, engine, bundle.network(name), flavour.name, flavour.version, targets, _request(opts)
         )
         if reason:
             todo.append((name, reason))
         else:
-            results.append(BuildResult(name, "current", "up to date", 0.0, sidecar.read_sidecar(engine)))
+            results.append(BuildResult(name, "current", "up to date", 0.0, meta))
     if opts.check_memory:
         available = available_host_memory()
         for name, _ in todo:

@@ -7,6 +7,7 @@ Each `NAME.engine` has a `NAME.engine.json` beside it that records what it was b
     io                          names, dtypes, shapes and profile (min/opt/max) of every input and output
     backend, backend_version    tensorrt or tensorrt-rtx, and the exact library version
     targets                     TensorRT: the GPU it was built on; TensorRT-RTX: the compute capabilities
+    request                     the build options that shape the engine (profile's opt point, opt level)
     build                       flags, seconds, date, host, engine size and hash
 
 `build` compares the sidecar with the bundle to rebuild only what is stale; the runtime compares it with the
@@ -65,7 +66,9 @@ def rebuild_command(bundle_dir, engines_dir, backend: str) -> str:
     return f"zimage-trt build --bundle {bundle_dir} --out {engines_dir} --backend {backend}"
 
 
-def stale_reason(meta: dict | None, engine: Path, network: dict, backend: str, backend_version: str, targets) -> str:
+def stale_reason(
+    meta: dict | None, engine: Path, network: dict, backend: str, backend_version: str, targets, request: dict
+) -> str:
     """Why the engine must be rebuilt for this bundle network and build request ('' if it is current)."""
     if meta is None:
         return "no engine" if not engine.exists() else "no valid sidecar"
@@ -81,6 +84,8 @@ def stale_reason(meta: dict | None, engine: Path, network: dict, backend: str, b
         return f"built with {meta['backend']} {meta['backend_version']}, {backend_version} installed"
     if meta["targets"] != targets:
         return f"built for {describe_targets(meta['targets'])}; {describe_targets(targets)} asked for"
+    if meta.get("request") != request:
+        return f"built with {meta.get('request')}; {request} asked for"
     return ""
 
 

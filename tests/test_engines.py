@@ -104,9 +104,14 @@ def test_only_stale_engines_are_rebuilt(engines, fp16_bundle, tmp_path):
     assert results["text_encoder"].status == "current"
     assert results["transformer"].status == "built" and "ONNX changed" in results["transformer"].reason
     assert results["vae_decoder"].status == "built" and "size" in results["vae_decoder"].reason
-    # New targets make every engine stale.
+    # New targets make every engine stale, and so does another profile.
     results = build_engines(bundle, out, BuildOptions(backend="tensorrt-rtx", targets=["sm89"]))
-    assert all(r.status == "built" and "asked for" in r.reason for r in results)
+    assert all(r.status == "built" and "sm89 asked for" in r.reason for r in results)
+    results = build_engines(bundle, out, BuildOptions(backend="tensorrt-rtx", targets=["sm89"], opt_tokens=64,
+                                                      networks=("text_encoder",)))
+    assert results[0].status == "built" and "'opt_tokens': 64" in results[0].reason
+    te = {i["name"]: i for i in results[0].meta["io"]}
+    assert te["input_ids"]["profile"]["opt"] == [1, 64]
 
 
 def test_memory_check_refuses_before_any_build(fp16_bundle, tmp_path):
