@@ -122,10 +122,11 @@ def open_engine_sessions(bundle: Bundle, engines_dir, device: torch.device) -> d
     runtime = flavour.trt.Runtime(flavour.logger())
     # The transformer's loop is recorded per caption length (at most 16): its kernels are specialised up front.
     # The text encoder sees a new length with nearly every prompt: it runs generic kernels meanwhile.
-    sessions = {
-        n: TrtSession(n, flavour, runtime, files[n], device, metas[n]["precision"], eager=(n == "transformer"))
-        for n in NETWORKS
-    }
+    with torch.cuda.device(device):  # TensorRT places engines on the current CUDA device
+        sessions = {
+            n: TrtSession(n, flavour, runtime, files[n], device, metas[n]["precision"], eager=(n == "transformer"))
+            for n in NETWORKS
+        }
     if flavour.is_rtx:
         atexit.register(lambda: [s.save_runtime_cache() for s in sessions.values()])
     # The engines run one after another on one stream: one block, sized for the largest, serves them all.
