@@ -143,9 +143,21 @@ def check_onnx(name: str, path: Path, reference, inputs: tuple, precision: str, 
         session = ort.InferenceSession(str(run_path), options, providers=providers)
         feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs)}
         got = session.run([session.get_outputs()[0].name], feeds)[0]
-    with torch.no_grad():
+    with torch.no_grad(), strict_fp32():
         want = reference(*inputs)
     return compare(name, torch.from_numpy(got), want, precision, providers[0])
+
+
+@contextlib.contextmanager
+def strict_fp32():
+    """Float32 that is float32 on a GPU too: PyTorch lets cuDNN convolutions use TF32 by default, which puts a
+    float32 reference 1e-3 away from itself on a CPU."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def compare(name: str, got: torch.Tensor, want: torch.Tensor, precision: str, provider: str) -> CheckResult:
@@ -167,7 +179,9 @@ def check_eager(name: str, module, reference, inputs: tuple, precision: str) -> 
     precision, the very module that was traced; the graph itself is then proven by the TensorRT parse.
     """
     device = inputs[0].device
-    return compare(name, module(*inputs), reference(*inputs), precision, f"eager twin on {device}")
+    with strict_fp32():
+        want = reference(*inputs)
+    return compare(name, module(*inputs), want, precision, f"eager twin on {device}")
 
 
 def require_ok(result: CheckResult) -> None:

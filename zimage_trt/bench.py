@@ -10,6 +10,9 @@ whole generations and, inside them, the stages:
     end to end        prompt in, 8-bit image out, wall clock
     runtime overhead  end to end minus the time inside the three networks: what the runtime itself costs
 
+Memory: "peak GB" is the peak of PyTorch's allocator while the stage ran (engines' own weights are not in it);
+"device GB" is the device memory the system holds after its runs (allocator cache and engines included).
+
 GPU stages are timed with CUDA events on the stream, wall clock with perf_counter after a sync. Each figure is
 the median and p90 over the timed generations. The roofline floor is the transformer's matmul FLOPs per pass,
 counted from the config, over the matmul rate measured on this device; figures are shown as multiples of it.
@@ -38,16 +41,32 @@ OVERHEAD_BAR = 0.01  # runtime work between network calls under 1% of the total
 
 @dataclass
 class Samples:
+    """Times per stage, and the peak of PyTorch's allocator while each stage ran (GPU only)."""
+
+    device: torch.device
     values: dict = field(default_factory=lambda: {s: [] for s in STAGES})
+    peaks: dict = field(default_factory=dict)
 
     def add(self, stage: str, ms: float) -> None:
         self.values[stage].append(float(ms))
+
+    def begin_stage(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()  # allocator bookkeeping on the host: no sync
+
+    def end_stage(self, *stages: str) -> None:
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated()
+            for stage in stages + ("end to end",):
+                self.peaks[stage] = max(self.peaks.get(stage, 0), peak)
 
     def summary(self) -> dict:
         out = {}
         for stage, vals in self.values.items():
             if vals:
                 out[stage] = {"median_ms": statistics.median(vals), "p90_ms": float(np.percentile(vals, 90)), "n": len(vals)}
+                if stage in self.peaks:
+                    out[stage]["peak_gb"] = self.peaks[stage] / 1e9
         return out
 
 
@@ -121,15 +140,25 @@ def bench_diffusers(model_dir, prompt, seed, height, width, steps, device, dtype
     clock = Clock(device)
     marks: dict[str, list] = {"te": [], "dit": [], "vae": []}
 
-    def hooks(module, key):
-        begin = {}
-        module.register_forward_pre_hook(lambda m, a: begin.__setitem__("t", clock.start()))
-        module.register_forward_hook(lambda m, a, o: marks[key].append(clock.stop(begin["t"])))
+    samples = Samples(device)
 
-    hooks(pipe.text_encoder, "te")
-    hooks(pipe.transformer, "dit")
-    hooks(pipe.vae.decoder, "vae")
-    samples = Samples()
+    def hooks(module, key, *stages):
+        begin = {}
+
+        def pre(m, a):
+            samples.begin_stage()
+            begin["t"] = clock.start()
+
+        def post(m, a, o):
+            marks[key].append(clock.stop(begin["t"]))
+            samples.end_stage(*stages)
+
+        module.register_forward_pre_hook(pre)
+        module.register_forward_hook(post)
+
+    hooks(pipe.text_encoder, "te", "text encoder")
+    hooks(pipe.transformer, "dit", "transformer x1", "all passes")
+    hooks(pipe.vae.decoder, "vae", "VAE decode")
     for i in range(warmup + iters):
         for v in marks.values():
             v.clear()
@@ -162,16 +191,22 @@ def bench_runtime(bundle, sessions: dict, prompt, seed, device, warmup, iters) -
     clock = Clock(device)
     te, vae = TimedSession(sessions["text_encoder"], clock), TimedSession(sessions["vae_decoder"], clock)
     rt = ZImageRuntime(bundle, {"text_encoder": te, "transformer": sessions["transformer"], "vae_decoder": vae}, device)
-    samples = Samples()
+    samples = Samples(device)
     for i in range(warmup + iters):
         clock.sync()
         t0 = time.perf_counter()
+        samples.begin_stage()
         lpad = rt.encode_prompt(rt.tokenize(prompt))
+        samples.end_stage("text encoder")
         rt.init_latents(seed)
+        samples.begin_stage()
         begin = clock.start()
         rt.denoise(lpad)
         denoise = clock.stop(begin)
+        samples.end_stage("all passes")
+        samples.begin_stage()
         rt.decode()  # ends with the copy of the image to the host: the one sync
+        samples.end_stage("VAE decode")
         wall = (time.perf_counter() - t0) * 1e3
         if i < warmup:
             continue
@@ -185,9 +220,11 @@ def bench_runtime(bundle, sessions: dict, prompt, seed, device, warmup, iters) -
     feeds = {"latents": rt.latents, "timestep": rt.timestep, "cap_feats": rt.caption[:, :lpad], "cap_len": rt.cap_len}
     for i in range(warmup + iters):
         clock.sync()
+        samples.begin_stage()
         begin = clock.start()
         rt.transformer.run(feeds, {"velocity": rt.velocity})
         one = clock.stop(begin)
+        samples.end_stage("transformer x1")
         clock.sync()
         if i >= warmup:
             samples.add("transformer x1", one())
@@ -288,10 +325,10 @@ def format_table(results: dict) -> str:
         f"device: {results['device']}   {results['width']}x{results['height']}   matmul rate "
         f"{_si(results['matmul_rate_tflops'] * 1e12)}FLOP/s ({results['matmul_rate_measured_with']})   "
         f"transformer pass {_si(results['flops_per_pass'])}FLOP   roofline floor: pass "
-        f"{floor['transformer x1']:.2f} ms, end to end {floor['end to end']:.1f} ms",
+        f"{floor['transformer x1']:.3g} ms, end to end {floor['end to end']:.3g} ms",
         "",
     ]
-    head = ["system", "stage", "median ms", "p90 ms", "x floor", "GPU GB"]
+    head = ["system", "stage", "median ms", "p90 ms", "x floor", "peak GB", "device GB"]
     rows = [head]
     for system, r in results["systems"].items():
         mem = r.get("memory", {})
@@ -304,7 +341,9 @@ def format_table(results: dict) -> str:
             if stage == "runtime overhead":
                 e2e = r["stages"]["end to end"]["median_ms"]
                 ratio = f"{100 * s['median_ms'] / e2e:.2f}% of e2e"
-            rows.append([system, stage, f"{s['median_ms']:.2f}", f"{s['p90_ms']:.2f}", ratio, mem_s if stage == "end to end" else ""])
+            peak = f"{s['peak_gb']:.1f}" if "peak_gb" in s else "-"
+            rows.append([system, stage, f"{s['median_ms']:.2f}", f"{s['p90_ms']:.2f}", ratio, peak,
+                         mem_s if stage == "end to end" else ""])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     for k, r in enumerate(rows):
         lines.append("  ".join(r[i].ljust(widths[i]) for i in range(len(head))))

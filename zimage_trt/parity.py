@@ -103,11 +103,18 @@ def run_parity(model_dir, bundle, sessions: dict, backend: str, prompt: str, see
     The float32 references run on the same device as the sessions (a GPU makes full size practical); they are
     freed before diffusers' pipeline is loaded for the image, so at most one float32 copy is resident.
     """
+    from zimage_trt.export.onnx_export import strict_fp32
+
+    device = torch.device(device)
+    with strict_fp32():
+        return _run_parity(model_dir, bundle, sessions, backend, prompt, seed, device)
+
+
+def _run_parity(model_dir, bundle, sessions, backend, prompt, seed, device) -> list[Row]:
     from zimage_trt.export.reference import reference_modules
     from zimage_trt.runtime.pipeline import ZImageRuntime
     from zimage_trt.runtime.torch_session import TorchSession
 
-    device = torch.device(device)
     refs = reference_modules(model_dir, bundle.height, bundle.width, torch.float32, device)
     ref_rt = ZImageRuntime(bundle, {n: TorchSession(n, m, device) for n, m in refs.items()}, device)
     prec = {n: s.precision for n, s in sessions.items()}
