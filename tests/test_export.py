@@ -86,3 +86,16 @@ def test_bf16_graph_is_not_checked_on_cpu_and_says_why(tmp_path):
     result = check_onnx("vae_decoder", tmp_path / "absent.onnx", None, (), "bf16")
     assert result.skipped and "BF16" in result.skipped
     assert np.isclose(result.tolerance, TOLERANCE["bf16"])
+
+
+def test_float32_references_run_without_tf32_and_restore_the_setting():
+    from zimage_trt.export.onnx_export import strict_fp32
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        with strict_fp32():
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
