@@ -233,7 +233,6 @@ class _Builder:
         self.timing_cache_path = out / "timing.cache"
 
     def _config(self, bar):
-        trt = self.flavour.trt
         config = self.builder.create_builder_config()
         config.progress_monitor = _progress_monitor(self.flavour, bar)
         if self.opts.opt_level is not None:
@@ -251,7 +250,6 @@ class _Builder:
         return config, flags
 
     def build(self, name: str, bar) -> BuildResult:
-        trt = self.flavour.trt
         net_info = self.bundle.network(name)
         start = time.perf_counter()
         bar.set_description(f"{name}: parsing")

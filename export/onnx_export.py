@@ -160,14 +160,19 @@ def strict_fp32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+def error_of(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
+    """(max|got - want|, that over max|want|); both inf if `got` holds a non-finite value."""
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    if not torch.isfinite(got).all():
+        return float("inf"), float("inf")
+    max_abs = float((got - want).abs().max())
+    return max_abs, max_abs / max(float(want.abs().max()), 1e-30)
+
+
 def compare(name: str, got: torch.Tensor, want: torch.Tensor, precision: str, provider: str) -> CheckResult:
-    got, want = got.detach().float().cpu(), want.detach().float().cpu()
     if got.shape != want.shape:
         raise RuntimeError(f"{name}: output shape {tuple(got.shape)} != reference {tuple(want.shape)}")
-    max_abs = float((got.double() - want.double()).abs().max())
-    rel = max_abs / max(float(want.abs().max()), 1e-30)
-    if not torch.isfinite(got).all():
-        max_abs = rel = float("inf")
+    max_abs, rel = error_of(got, want)
     return CheckResult(name, precision, max_abs, rel, TOLERANCE[precision], provider)
 
 

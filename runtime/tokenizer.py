@@ -38,11 +38,11 @@ class PromptTokenizer:
             messages=[{"role": "user", "content": prompt}], add_generation_prompt=True, enable_thinking=True
         )
 
-    def encode(self, prompt: str) -> list[int]:
+    def encode(self, prompt: str, truncate: bool = True) -> list[int]:
         """Token ids of the prompt in its chat turn, truncated to max_length as the reference does."""
         if not isinstance(prompt, str):
             raise UserError(f"the prompt must be a string, not {type(prompt).__name__}")
         if not prompt.strip():
             raise UserError("the prompt is empty")
         ids = self.tokenizer.encode(self.chat_text(prompt)).ids
-        return ids[: self.max_length]
+        return ids[: self.max_length] if truncate else ids

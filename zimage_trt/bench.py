@@ -20,7 +20,6 @@ counted from the config, over the matmul rate measured on this device; figures a
 
 from __future__ import annotations
 
-import gc
 import json
 import platform
 import statistics
@@ -32,6 +31,7 @@ import torch
 
 from zimage_trt.errors import UserError
 from zimage_trt.runtime.timing import Clock
+from zimage_trt.sessions import release_memory
 
 STAGES = ("text encoder", "transformer x1", "all passes", "VAE decode", "end to end", "runtime overhead")
 BARS = {"text encoder": 5.0, "VAE decode": 40.0}  # ms, the project's bar on an H100/H200-class GPU
@@ -106,14 +106,8 @@ def matmul_rate(device: torch.device) -> tuple[float, str]:
     return 2 * n**3 * reps / seconds, f"{str(dtype).split('.')[-1]} {n}^3"
 
 
-def _free(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def _memory_start(device):
-    _free(device)
+    release_memory(device)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -180,7 +174,7 @@ def bench_diffusers(model_dir, prompt, seed, height, width, steps, device, dtype
         samples.add("runtime overhead", wall - te - sum(passes) - vae)
     result = {"stages": samples.summary(), "memory": _memory_end(device, base), "passes": steps}
     del pipe
-    _free(device)
+    release_memory(device)
     return result
 
 
@@ -298,7 +292,7 @@ def run_bench(model_dir, bundle_dir, backends, engines, device, prompt, seed, wa
         r["memory"] = _memory_end(device, base)
         results["systems"][f"runtime {backend} ({precision})"] = r
         del sessions
-        _free(device)
+        release_memory(device)
     lpad = next((r["lpad"] for r in results["systems"].values() if "lpad" in r), 128)
     cfg = bundle.manifest["config"]["transformer"]
     image_tokens = (bundle.height // 16) * (bundle.width // 16)

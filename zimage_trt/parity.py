@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from zimage_trt.sessions import release_memory
+
 # max|err| / max|ref| per network precision (reference: float32 eager modules).
 NETWORK_BOUND = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 6e-2}
 # PSNR of the 8-bit image against diffusers' fp32 image: fp32 graphs must be near-identical; reduced precision
@@ -62,12 +64,9 @@ def format_table(rows: list[Row]) -> str:
 
 
 def _compare(stage, backend, precision, got: torch.Tensor, want: torch.Tensor) -> Row:
-    got, want = got.detach().float().cpu(), want.detach().float().cpu()
-    max_abs = float((got - want).abs().max())
-    rel = max_abs / max(float(want.abs().max()), 1e-30)
-    if not torch.isfinite(got).all():
-        max_abs = rel = float("inf")
-    return Row(stage, backend, precision, max_abs, rel, NETWORK_BOUND[precision])
+    from zimage_trt.export.onnx_export import error_of
+
+    return Row(stage, backend, precision, *error_of(got, want), NETWORK_BOUND[precision])
 
 
 def reference_image(model_dir, prompt: str, seed: int, height: int, width: int, steps: int = 9, device="cpu"):
@@ -87,14 +86,6 @@ def reference_image(model_dir, prompt: str, seed: int, height: int, width: int, 
         output_type="np",
     ).images[0]
     return (image * 255).round().astype(np.uint8)
-
-
-def _free(device: torch.device) -> None:
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def run_parity(model_dir, bundle, sessions: dict, backend: str, prompt: str, seed: int, device="cpu") -> list[Row]:
@@ -152,12 +143,12 @@ def _run_parity(model_dir, bundle, sessions, backend, prompt, seed, device) -> l
         want = refs["vae_decoder"](last_latents)
     rows.append(_compare("vae_decoder", backend, prec["vae_decoder"], image, want))
     del refs, ref_rt, want
-    _free(device)
+    release_memory(device)
 
     ours = ZImageRuntime(bundle, sessions, device).generate(prompt, seed)
     steps = bundle.scheduler["default_steps"]
     theirs = reference_image(model_dir, prompt, seed, bundle.height, bundle.width, steps, device)
-    _free(device)
+    release_memory(device)
     worst = min(prec.values(), key=IMAGE_BOUND_DB.get)  # the image is held to its least precise network
     diff = float(np.abs(ours.astype(np.int32) - theirs.astype(np.int32)).max())
     rows.append(Row(f"image ({steps} steps)", backend, worst, diff, diff / 255, IMAGE_BOUND_DB[worst], psnr(ours, theirs)))

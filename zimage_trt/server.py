@@ -23,7 +23,7 @@ import secrets
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from zimage_trt.errors import UserError
 
@@ -66,7 +66,6 @@ class Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     cancelled: str = ""  # why the HTTP side gave up on it: "disconnected" | "deadline"
-    enqueued: float = field(default_factory=time.monotonic)
 
 
 class Metrics:
@@ -102,7 +101,6 @@ class ImageService:
     def load(self) -> None:
         from zimage_trt.runtime.bundle import Bundle
         from zimage_trt.runtime.pipeline import ZImageRuntime
-        from zimage_trt.runtime.tokenizer import PromptTokenizer
         from zimage_trt.sessions import open_sessions, resolve_device
 
         o = self.opts
@@ -110,7 +108,6 @@ class ImageService:
         device = resolve_device(o.device)
         sessions = open_sessions(o.backend, self.bundle, device, model_dir=o.model, engines=o.engines, torch_dtype=o.torch_dtype)
         self.runtime = ZImageRuntime(self.bundle, sessions, device)
-        self.tokenizer = PromptTokenizer(self.bundle.root / "tokenizer", self.bundle.max_caption_tokens)
         self.size = f"{self.bundle.width}x{self.bundle.height}"
         if o.warmup:
             start = time.monotonic()
@@ -202,14 +199,15 @@ class ImageService:
             seed = secrets.randbelow(2**31)
         elif not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED - self.opts.max_n:
             raise ApiError(400, "'seed' must be a non-negative integer", "seed", "invalid_seed")
-        ids = self.tokenizer.tokenizer.encode(self.tokenizer.chat_text(prompt)).ids
+        n_tokens = len(self.runtime.tokenizer.encode(prompt, truncate=False))
+        limit = self.runtime.tokenizer.max_length
         return {
             "prompt": prompt,
             "n": n,
             "steps": steps,
             "seed": seed,
-            "prompt_tokens": min(len(ids), self.tokenizer.max_length),
-            "prompt_truncated": len(ids) > self.tokenizer.max_length,
+            "prompt_tokens": min(n_tokens, limit),
+            "prompt_truncated": n_tokens > limit,
         }
 
     def submit(self, req: dict, loop) -> Job:

@@ -25,6 +25,15 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def release_memory(device: torch.device) -> None:
+    """Collect dropped modules and hand PyTorch's cached GPU memory back, before the next thing is loaded."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def open_sessions(
     backend: str,
     bundle: Bundle,
