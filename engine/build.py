@@ -5,7 +5,9 @@ One code path for TensorRT and TensorRT-RTX (engine/trt_api.py holds the differe
 1. Everything that can fail before a long build is checked first: the library, the target GPU, each
    engine's host memory need (about 3x its weights), and which engines are already current.
 2. Each graph is parsed into a strongly typed network (precision comes from the ONNX types), with one
-   optimization profile: caption length over its full range, optimized at a typical prompt; image shape fixed.
+   optimization profile: caption length over its full range, optimized at a typical prompt; the latent height
+   and width over the bundle's size range (or the box around `--sizes`), optimized at its opt size. A one-size
+   bundle gives engines of one fixed image shape.
 3. The plan is streamed to a temporary file and renamed into place, then its sidecar is written.
    TensorRT keeps a timing cache beside the engines; TensorRT-RTX takes compute-capability targets instead.
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from zimage_trt.errors import UserError
 from zimage_trt.runtime.bundle import NETWORKS, Bundle
+from zimage_trt.runtime.sizes import SizeRange, format_size
 
 from . import sidecar
 from .trt_api import RTX_UNSUPPORTED_CC, Flavour, gpu_info, load_flavour, rtx_targets
@@ -35,6 +38,7 @@ TYPICAL_PROMPT_TOKENS = 128  # opt point of the caption profile: a one- or two-s
 class BuildOptions:
     backend: str = "tensorrt"
     targets: list[str] = field(default_factory=lambda: ["auto"])
+    sizes: list[tuple[int, int]] | None = None  # (width, height) to cover; None: the bundle's whole range
     opt_tokens: int = TYPICAL_PROMPT_TOKENS
     networks: tuple[str, ...] = NETWORKS
     force: bool = False
@@ -95,14 +99,37 @@ def check_host_memory(name: str, weight_bytes: int, available: int | None) -> No
         )
 
 
-def profile_ranges(bundle: Bundle, opt_tokens: int) -> dict[str, tuple[int, int, int]]:
+def image_profile(bundle: Bundle, sizes: list[tuple[int, int]] | None) -> SizeRange:
+    """The image sizes the engines cover: the bundle's range, or the smallest box around `sizes` in it."""
+    rng = bundle.sizes
+    if not sizes:
+        return rng
+    if rng.is_single:
+        only = format_size(*rng.opt)
+        if any(s != rng.opt for s in sizes):
+            raise UserError(
+                f"bundle {bundle.root} is for one size ({only}); --sizes needs a bundle exported with --size-range"
+            )
+        return rng
+    for w, h in sizes:
+        rng.check(w, h, f"bundle {bundle.root}", "export a bundle with a --size-range that covers it")
+    return SizeRange.covering(sizes, opt=rng.opt)
+
+
+def profile_ranges(bundle: Bundle, opt_tokens: int, image: SizeRange) -> dict[str, tuple[int, int, int]]:
     """(min, opt, max) for each named dynamic dimension of the bundle's graphs."""
     top = bundle.max_caption_tokens
     opt = min(max(opt_tokens, 1), top)
     return {
         "tokens": (1, opt, top),
         "cap_tokens": (bundle.caption_multiple, bundle.padded_caption_length(opt), top),
+        **image.latent_dims(),
     }
+
+
+def takes_image(network: dict) -> bool:
+    """Whether a bundle network's inputs include the latents (its engine's profile then covers image sizes)."""
+    return any(i["name"] == "latents" for i in network["inputs"])
 
 
 def _parse(flavour: Flavour, builder, logger, path: Path):
@@ -225,8 +252,11 @@ def _stream_writer(flavour: Flavour, f):
 
 
 class _Builder:
-    def __init__(self, flavour: Flavour, bundle: Bundle, out: Path, opts: BuildOptions, targets: dict, cc_values: list):
-        self.flavour, self.bundle, self.out, self.opts = flavour, bundle, out, opts
+    def __init__(
+        self, flavour: Flavour, bundle: Bundle, out: Path, opts: BuildOptions, targets: dict, cc_values: list,
+        image: SizeRange,
+    ):
+        self.flavour, self.bundle, self.out, self.opts, self.image = flavour, bundle, out, opts, image
         self.targets, self.cc_values = targets, cc_values
         self.logger = flavour.logger(opts.verbose)
         self.builder = flavour.trt.Builder(self.logger)
@@ -258,7 +288,7 @@ class _Builder:
         if net_info["precision"] == "fp32":
             flags["fp32_attention_unfused"] = _allow_unfused_attention(self.flavour, network)
         io, profile = _io_and_profile(
-            self.flavour, self.builder, network, net_info, profile_ranges(self.bundle, self.opts.opt_tokens)
+            self.flavour, self.builder, network, net_info, profile_ranges(self.bundle, self.opts.opt_tokens, self.image)
         )
         if profile is not None:
             config.add_optimization_profile(profile)
@@ -297,7 +327,9 @@ class _Builder:
             "backend": self.flavour.name,
             "backend_version": self.flavour.version,
             "targets": self.targets,
-            "request": _request(self.opts),
+            "request": _request(self.opts, net_info, self.image),
+            # the image sizes this engine's profile covers (pixels: min, opt, max), for the runtime's refusals
+            "image_sizes": self.image.to_dict() if takes_image(net_info) else None,
             "build": {
                 "flags": flags,
                 "seconds": round(seconds, 2),
@@ -311,9 +343,13 @@ class _Builder:
         return BuildResult(name, "built", "", seconds, meta)
 
 
-def _request(opts: BuildOptions) -> dict:
-    """The build options that shape an engine: a change in any of them makes it stale."""
-    return {"opt_tokens": opts.opt_tokens, "opt_level": opts.opt_level}
+def _request(opts: BuildOptions, network: dict, image: SizeRange) -> dict:
+    """The build options that shape an engine: a change in any of them makes it stale. The image sizes are part
+    of it only for the networks that take latents (the text encoder is the same engine for any size)."""
+    request = {"opt_tokens": opts.opt_tokens, "opt_level": opts.opt_level}
+    if takes_image(network):
+        request["image_sizes"] = image.to_dict()
+    return request
 
 
 def build_engines(bundle_dir, out_dir, opts: BuildOptions | None = None) -> list[BuildResult]:
@@ -321,6 +357,7 @@ def build_engines(bundle_dir, out_dir, opts: BuildOptions | None = None) -> list
 
     opts = opts or BuildOptions()
     bundle = Bundle.open(bundle_dir)
+    image = image_profile(bundle, opts.sizes)
     flavour = load_flavour(opts.backend)
     targets, cc_values = resolve_targets(flavour, opts.targets, gpu_info())
     out = Path(out_dir)
@@ -336,7 +373,8 @@ def build_engines(bundle_dir, out_dir, opts: BuildOptions | None = None) -> list
         engine = sidecar.engine_path(out, name)
         meta = sidecar.read_sidecar(engine)
         reason = "--force" if opts.force else sidecar.stale_reason(
-            meta, engine, bundle.network(name), flavour.name, flavour.version, targets, _request(opts)
+            meta, engine, bundle.network(name), flavour.name, flavour.version, targets,
+            _request(opts, bundle.network(name), image),
         )
         if reason:
             todo.append((name, reason))
@@ -348,7 +386,7 @@ def build_engines(bundle_dir, out_dir, opts: BuildOptions | None = None) -> list
             check_host_memory(name, bundle.network(name)["bytes"], available)
 
     out.mkdir(parents=True, exist_ok=True)
-    builder = _Builder(flavour, bundle, out, opts, targets, cc_values)
+    builder = _Builder(flavour, bundle, out, opts, targets, cc_values, image)
     for name, reason in todo:
         with tqdm(total=1, unit="step", dynamic_ncols=True, leave=True) as bar:
             result = builder.build(name, bar)

@@ -7,7 +7,8 @@ Each `NAME.engine` has a `NAME.engine.json` beside it that records what it was b
     io                          names, dtypes, shapes and profile (min/opt/max) of every input and output
     backend, backend_version    tensorrt or tensorrt-rtx, and the exact library version
     targets                     TensorRT: the GPU it was built on; TensorRT-RTX: the compute capabilities
-    request                     the build options that shape the engine (profile's opt point, opt level)
+    request                     the build options that shape the engine (profile's opt point, opt level, sizes)
+    image_sizes                 for the networks that take latents: the image sizes the profile covers
     build                       flags, seconds, date, host, engine size and hash
 
 `build` compares the sidecar with the bundle to rebuild only what is stale; the runtime compares it with the
@@ -62,8 +63,9 @@ def read_sidecar(engine: Path) -> dict | None:
     return meta
 
 
-def rebuild_command(bundle_dir, engines_dir, backend: str) -> str:
-    return f"zimage-trt build --bundle {bundle_dir} --out {engines_dir} --backend {backend}"
+def rebuild_command(bundle_dir, engines_dir, backend: str, sizes: list[tuple[int, int]] | None = None) -> str:
+    sizes_arg = f" --sizes {','.join(f'{w}x{h}' for w, h in sizes)}" if sizes else ""
+    return f"zimage-trt build --bundle {bundle_dir} --out {engines_dir} --backend {backend}{sizes_arg}"
 
 
 def stale_reason(
@@ -84,9 +86,20 @@ def stale_reason(
         return f"built with {meta['backend']} {meta['backend_version']}, {backend_version} installed"
     if meta["targets"] != targets:
         return f"built for {describe_targets(meta['targets'])}; {describe_targets(targets)} asked for"
-    if meta.get("request") != request:
-        return f"built with {meta.get('request')}; {request} asked for"
+    built = meta.get("request") or {}
+    if built.get("image_sizes") != request.get("image_sizes") and "image_sizes" in request:
+        return f"built for sizes {_sizes_text(built.get('image_sizes'))}; {_sizes_text(request['image_sizes'])} asked for"
+    if built != request:
+        return f"built with {built}; {request} asked for"
     return ""
+
+
+def _sizes_text(sizes: dict | None) -> str:
+    if not sizes:
+        return "(not recorded)"
+    from zimage_trt.runtime.sizes import SizeRange
+
+    return SizeRange.from_dict(sizes).describe()
 
 
 def describe_targets(targets: dict) -> str:

@@ -1,10 +1,11 @@
 """`zimage-trt export`: a diffusers-format model -> a self-contained bundle the runtime and the builder read.
 
     BUNDLE/
-      manifest.json          what is in the bundle: resolution, per-network precision, I/O, hashes, checks
+      manifest.json          what is in the bundle: image sizes, per-network precision, I/O, hashes, checks
       text_encoder.onnx      input_ids [1, L] -> features [1, L, C]                (L dynamic, 1..512)
-      transformer.onnx       latents, timestep, cap_feats [1, Lpad, C], cap_len -> velocity   (Lpad 32..512)
-      vae_decoder.onnx       latents -> image in [0, 1]
+      transformer.onnx       latents [1,16,h,w], timestep, cap_feats [1, Lpad, C], cap_len -> velocity
+                             (Lpad 32..512; h, w dynamic for a size range, fixed for one size)
+      vae_decoder.onnx       latents [1,16,h,w] -> image [1,3,8h,8w] in [0, 1]  (h, w as the transformer's)
       tokenizer/             tokenizer.json and chat_template.jinja
       scheduler.json         FlowMatch Euler parameters
 
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from zimage_trt.errors import UserError
+from zimage_trt.runtime.sizes import LATENT_FACTOR, SizeRange, format_size
 
 from . import checkpoint
 from .modules import (
@@ -36,14 +38,22 @@ from .modules import (
     TextEncoderForExport,
     VaeDecoderForExport,
 )
-from .onnx_export import DEFAULT_OPSET, CheckResult, check_eager, check_onnx, export_onnx, graph_io, require_ok
+from .onnx_export import (
+    DEFAULT_OPSET,
+    CheckResult,
+    check_eager,
+    check_onnx,
+    export_onnx,
+    graph_io,
+    rename_dims,
+    require_ok,
+)
 
 BUNDLE_FORMAT = "zimage-trt-bundle"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2  # 2: image_sizes (a size range); runtime/bundle.py still reads 1 as one size
 NETWORKS = ("text_encoder", "transformer", "vae_decoder")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_PRECISION = {"text_encoder": "fp16", "transformer": "fp16", "vae_decoder": "bf16"}
-PIXELS_PER_TOKEN = 16  # VAE factor 8 x patch 2: image sides must be multiples of this
 # onnxruntime on a CPU takes minutes per TFLOP; graphs with more parameters than this are checked on a GPU
 # (`zimage-trt parity`) rather than at export.
 CPU_CHECK_MAX_PARAMS = 1_500_000_000
@@ -51,8 +61,9 @@ CPU_CHECK_MAX_PARAMS = 1_500_000_000
 
 @dataclass
 class ExportOptions:
-    height: int = 1024
+    height: int = 1024  # the one size of a static bundle
     width: int = 1024
+    size_range: SizeRange | None = None  # a dynamic bundle instead: every size in this range
     precision: dict = field(default_factory=lambda: dict(DEFAULT_PRECISION))
     opset: int = DEFAULT_OPSET
     device: str = "cpu"
@@ -62,11 +73,16 @@ class ExportOptions:
     calibration_steps: int = 9
     force: bool = False
 
+    @property
+    def sizes(self) -> SizeRange:
+        return self.size_range or SizeRange.single(self.width, self.height)
+
 
 def validate_options(opts: ExportOptions) -> None:
-    for side, value in (("height", opts.height), ("width", opts.width)):
-        if value <= 0 or value % PIXELS_PER_TOKEN:
-            raise UserError(f"--{side} {value} must be a positive multiple of {PIXELS_PER_TOKEN}")
+    if opts.size_range is None:
+        for side, value in (("height", opts.height), ("width", opts.width)):
+            if value <= 0 or value % 16:
+                raise UserError(f"--{side} {value} must be a positive multiple of 16")
     for name, prec in opts.precision.items():
         if name not in NETWORKS:
             raise UserError(f"unknown network '{name}' in the precision options (networks: {', '.join(NETWORKS)})")
@@ -168,23 +184,30 @@ class _Exporter:
     def randn(self, *shape) -> torch.Tensor:
         return torch.randn(*shape, generator=self.gen).to(self.device)
 
-    def _finish(self, name, module, make_reference, export_inputs, check_inputs, dynamic, prec):
-        """Export `module`, then check it against `make_reference()` (built only when a check runs)."""
+    def _finish(self, name, module, make_reference, export_inputs, checks, dynamic, prec, dim_names=None):
+        """Export `module`, then check it on each (label, inputs) of `checks` against `make_reference()` (built
+        only when a check runs). `dim_names` renames the exporter's dynamic dims (e.g. '2*h_tokens')."""
         path = self.work / f"{name}.onnx"
         self.step(f"{name}: exporting ({prec})")
         export_onnx(module, export_inputs, path, dynamic, self.opts.opset)
+        if dim_names:
+            rename_dims(path, dim_names)
         self.progress.update(1)
         mode, why = _check_mode(self.opts, module, prec, self.device)
-        if mode == "onnxruntime":
-            self.step(f"{name}: checking with onnxruntime")
-            result = check_onnx(name, path, make_reference(), check_inputs, prec)
-        elif mode == "eager":
-            self.step(f"{name}: checking the eager twin on {self.device}")
-            result = check_eager(name, module, make_reference(), check_inputs, prec)
-        else:
-            result = CheckResult(name, prec, 0.0, 0.0, 0.0, "", why)
-        require_ok(result)
-        self.checks.append(result)
+        reference = make_reference() if mode else None
+        for label, inputs in checks:
+            what = f"{name}@{label}" if label else name
+            if mode == "onnxruntime":
+                self.step(f"{what}: checking with onnxruntime")
+                result = check_onnx(what, path, reference, inputs, prec)
+            elif mode == "eager":
+                self.step(f"{what}: checking the eager twin on {self.device}")
+                result = check_eager(what, module, reference, inputs, prec)
+            else:
+                result = CheckResult(what, prec, 0.0, 0.0, 0.0, "", why)
+            require_ok(result)
+            self.checks.append(result)
+        del reference
         self.progress.update(1)
         files = onnx_files(path)
         self.networks[name] = {
@@ -195,6 +218,13 @@ class _Exporter:
             "bytes": sum(f.stat().st_size for f in files),
             **graph_io(path),
         }
+
+    def _latent_dims(self):
+        """Example latent (h, w) for tracing, and the sizes each graph is checked at: (label, (h, w))."""
+        return example_latent_hw(self.opts.sizes), [
+            (format_size(w, h) if not self.opts.sizes.is_single else "", (h // LATENT_FACTOR, w // LATENT_FACTOR))
+            for w, h in check_sizes(self.opts.sizes)
+        ]
 
     def text_encoder(self) -> None:
         prec = self.opts.precision["text_encoder"]
@@ -209,7 +239,7 @@ class _Exporter:
         ids = lambda n: torch.randint(0, vocab, (1, n), generator=self.gen).to(self.device)  # noqa: E731
         dynamic = {"input_ids": {1: torch.export.Dim("tokens", min=1, max=MAX_CAPTION_TOKENS)}}
         self._finish(
-            "text_encoder", module, lambda: TextEncoderForExport(qwen), (ids(24),), (ids(17),), dynamic, prec
+            "text_encoder", module, lambda: TextEncoderForExport(qwen), (ids(24),), [("", (ids(17),))], dynamic, prec
         )
         self.extra["caption_dim"] = qwen.config.hidden_size
         del qwen, module
@@ -218,7 +248,6 @@ class _Exporter:
         from .fp16 import choose_scales, fold_rescale
 
         prec = self.opts.precision["transformer"]
-        h, w = self.opts.height // 8, self.opts.width // 8
         self.step("transformer: loading")
         dit = checkpoint.load_transformer(self.model_dir, torch.float32, self.device)
         self.extra["transformer_config"] = {k: v for k, v in dit.config.items() if not k.startswith("_")}
@@ -229,17 +258,18 @@ class _Exporter:
                 scales = choose_scales(self._calibrate())
             folded = copy.deepcopy(dit)
             self.extra["fp16_rescaled_blocks"] = fold_rescale(folded, scales)
-            module = DiTForExport(folded, h, w, torch.float16, inplace=True)
+            module = DiTForExport(folded, torch.float16, inplace=True)
             del folded
         else:
-            module = DiTForExport(dit, h, w, DTYPES[prec])
+            module = DiTForExport(dit, DTYPES[prec])
         c = dit.config.cap_feat_dim
         cap = lambda lp: self.randn(1, lp, c)  # noqa: E731
-        lat = self.randn(1, 16, h, w)
+        lat = lambda hw: self.randn(1, 16, *hw)  # noqa: E731
         t = torch.tensor([0.25], device=self.device)
         n = lambda v: torch.tensor([v], dtype=torch.int64, device=self.device)  # noqa: E731
+        example, at = self._latent_dims()
         dynamic = {
-            "latents": None,
+            "latents": self._image_dims(patch=2),
             "timestep": None,
             "cap_feats": {1: torch.export.Dim("cap_tokens", min=SEQ_MULTIPLE, max=MAX_CAPTION_TOKENS)},
             "cap_len": None,
@@ -248,13 +278,30 @@ class _Exporter:
             "transformer",
             module,
             lambda: DiffusersDiT(dit),
-            (lat, t, cap(64), n(45)),
-            (lat, t * 3, cap(32), n(21)),
+            (lat(example), t, cap(64), n(45)),
+            [(label, (lat(hw), t * 3, cap(32), n(21))) for label, hw in at],
             dynamic,
             prec,
+            dim_names={"2*h_tokens": "latent_height", "2*w_tokens": "latent_width"},
         )
         self.networks["transformer"]["fp16_scales"] = scales
         del dit, module
+
+    def _image_dims(self, patch: int) -> dict | None:
+        """Dynamic latent height/width for a size range (None: a one-size graph). With a patch, the latent
+        sides are `patch x` a token count, which the exporter must know to patchify without a guard."""
+        sizes = self.opts.sizes
+        if sizes.is_single:
+            return None
+        if patch > 1:
+            step = LATENT_FACTOR * patch
+            h = torch.export.Dim("h_tokens", min=sizes.min_height // step, max=sizes.max_height // step)
+            w = torch.export.Dim("w_tokens", min=sizes.min_width // step, max=sizes.max_width // step)
+            return {2: patch * h, 3: patch * w}
+        lo_h, hi_h = sizes.min_height // LATENT_FACTOR, sizes.max_height // LATENT_FACTOR
+        lo_w, hi_w = sizes.min_width // LATENT_FACTOR, sizes.max_width // LATENT_FACTOR
+        return {2: torch.export.Dim("latent_height", min=lo_h, max=hi_h),
+                3: torch.export.Dim("latent_width", min=lo_w, max=hi_w)}
 
     def _calibrate(self) -> dict:
         from zimage_trt.calibration import default_prompts
@@ -267,23 +314,62 @@ class _Exporter:
         # move a scale by more than one step. fp32 on a CPU, where bf16 is slow.
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         pipe = checkpoint.load_pipeline(self.model_dir, dtype, self.device)
-        peaks = measure_peaks(pipe, prompts, self.opts.height, self.opts.width, self.opts.calibration_steps)
+        # At the opt size: the peaks are per-channel activations, which grow little with the token count, and
+        # the scales keep 16x headroom.
+        width, height = self.opts.sizes.opt
+        peaks = measure_peaks(pipe, prompts, height, width, self.opts.calibration_steps)
         del pipe
         self.extra["fp16_peaks"] = peaks
         return peaks
 
     def vae_decoder(self) -> None:
         prec = self.opts.precision["vae_decoder"]
-        h, w = self.opts.height // 8, self.opts.width // 8
         self.step("vae_decoder: loading")
         vae = checkpoint.load_vae(self.model_dir, torch.float32, self.device)
         self.extra["vae_config"] = {
             k: vae.config[k] for k in ("scaling_factor", "shift_factor", "latent_channels", "block_out_channels")
         }
         module = VaeDecoderForExport(vae, DTYPES[prec])
-        lat = self.randn(1, vae.config.latent_channels, h, w)
-        self._finish("vae_decoder", module, lambda: VaeDecoderForExport(vae), (lat,), (lat * 0.8,), None, prec)
+        lat = lambda hw: self.randn(1, vae.config.latent_channels, *hw)  # noqa: E731
+        example, at = self._latent_dims()
+        self._finish(
+            "vae_decoder",
+            module,
+            lambda: VaeDecoderForExport(vae),
+            (lat(example),),
+            [(label, (lat(hw) * 0.8,)) for label, hw in at],
+            {"latents": self._image_dims(patch=1)} if not self.opts.sizes.is_single else None,
+            prec,
+        )
         del vae, module
+
+
+def check_sizes(sizes: SizeRange) -> list[tuple[int, int]]:
+    """(width, height) the export checks each graph at: the one size, or the range's smallest, opt and largest
+    corners (a graph wrong for some sizes is most likely wrong at an end of its range)."""
+    corners = [(sizes.min_width, sizes.min_height), sizes.opt, sizes.largest]
+    return list(dict.fromkeys(corners))
+
+
+def example_latent_hw(sizes: SizeRange) -> tuple[int, int]:
+    """Latent (h, w) to trace with. For a range they must differ from each other and from every other traced
+    size (16 channels, 64 caption rows, 1): the exporter would take equal example sizes for one symbol."""
+    if sizes.is_single:
+        return sizes.opt_height // LATENT_FACTOR, sizes.opt_width // LATENT_FACTOR
+    step = 16 // LATENT_FACTOR  # latent sides move in steps of 2 (one token)
+    taken = {1, 16, 64}
+    picks = []
+    for lo, opt, hi in ((sizes.min_height, sizes.opt_height, sizes.max_height),
+                        (sizes.min_width, sizes.opt_width, sizes.max_width)):
+        lo, opt, hi = lo // LATENT_FACTOR, opt // LATENT_FACTOR, hi // LATENT_FACTOR
+        candidates = [opt] + [v for d in range(step, hi - lo + step, step) for v in (opt + d, opt - d)]
+        pick = next((v for v in candidates if lo <= v <= hi and v not in taken), None)
+        if pick is None:
+            raise UserError(f"the size range {sizes.describe()} is too narrow to export with dynamic sizes; "
+                            "export one size with --width/--height")
+        taken.add(pick)
+        picks.append(pick)
+    return picks[0], picks[1]
 
 
 def export_bundle(model_dir, out, opts: ExportOptions | None = None, progress=None) -> dict:
@@ -316,9 +402,11 @@ def export_bundle(model_dir, out, opts: ExportOptions | None = None, progress=No
             "version": BUNDLE_VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "source": str(model_dir),
-            "height": opts.height,
-            "width": opts.width,
-            "latent_shape": [1, x["vae_config"]["latent_channels"], opts.height // 8, opts.width // 8],
+            # height/width/latent_shape: the default (opt) size, as version 1 recorded its one size
+            "height": opts.sizes.opt_height,
+            "width": opts.sizes.opt_width,
+            "latent_shape": [1, x["vae_config"]["latent_channels"], opts.sizes.opt_height // 8, opts.sizes.opt_width // 8],
+            "image_sizes": {"dynamic": not opts.sizes.is_single, **opts.sizes.to_dict()},
             "caption_dim": x["caption_dim"],
             "max_caption_tokens": MAX_CAPTION_TOKENS,
             "caption_multiple": SEQ_MULTIPLE,

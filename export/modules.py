@@ -28,8 +28,10 @@ SEQ_MULTIPLE = 32  # captions and image tokens are padded to this multiple (diff
 MAX_CAPTION_TOKENS = 512  # the pipeline's max_sequence_length
 
 
-def padded_caption_length(n_tokens: int) -> int:
-    return -(-n_tokens // SEQ_MULTIPLE) * SEQ_MULTIPLE
+def padded_length(n_tokens):
+    """n_tokens rounded up to a multiple of 32. Works on traced sizes too: operands stay non-negative, where
+    ONNX's integer Div (which truncates) and Python's // (which floors) agree."""
+    return (n_tokens + SEQ_MULTIPLE - 1) // SEQ_MULTIPLE * SEQ_MULTIPLE
 
 
 def rope_tables(axes_dims, axes_lens, theta: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -92,19 +94,22 @@ def use_real_rope(transformer: nn.Module) -> None:
 
 
 class DiTForExport(nn.Module):
-    """One transformer pass for batch 1 at a fixed latent size; see the module docstring for the interface."""
+    """One transformer pass for batch 1 at any latent size; see the module docstring for the interface.
+
+    The image size is read from the latents' shape, so one module (and one graph, when exported with dynamic
+    latent dims) serves every size. The RoPE of image tokens is computed inside the graph from that shape, by
+    slicing the per-axis cos/sin tables (constants of the graph) rather than fed by the runtime as per-size
+    tables: the values are the very rows the reference's table lookup gives, for any size, with no second copy
+    of the RoPE code in the runtime, no extra inputs to bind, and the same four inputs for a one-size bundle.
+    The slices cost a few small gathers per pass, nothing beside the attention they feed.
+    """
 
     input_names = ("latents", "timestep", "cap_feats", "cap_len")
     output_names = ("velocity",)
 
-    def __init__(
-        self, transformer: nn.Module, latent_height: int, latent_width: int, dtype=torch.float32, inplace=False
-    ):
+    def __init__(self, transformer: nn.Module, dtype=torch.float32, inplace=False):
         super().__init__()
         cfg = transformer.config
-        patch = cfg.all_patch_size[0]
-        if latent_height % patch or latent_width % patch:
-            raise ValueError(f"latent size {latent_height}x{latent_width} is not a multiple of the patch {patch}")
         # By default work on a copy, so the caller's module (often the reference itself) keeps its processors
         # and dtype; `inplace` adopts the module instead (it saves a copy of 6 B parameters).
         self.transformer = transformer if inplace else copy.deepcopy(transformer)
@@ -114,70 +119,62 @@ class DiTForExport(nn.Module):
         self.transformer.t_embedder.float()
         self.transformer.cap_embedder.float()
         self.dtype = dtype
-        self.patch = patch
+        self.patch = cfg.all_patch_size[0]
         self.channels = cfg.in_channels
-        self.h_tokens, self.w_tokens = latent_height // patch, latent_width // patch
-        self.image_tokens = self.h_tokens * self.w_tokens
-        self.image_pad = (-self.image_tokens) % SEQ_MULTIPLE
         self.t_scale = float(cfg.t_scale)
 
         device = next(self.transformer.parameters()).device  # the tables live beside the weights
-        tables = rope_tables(cfg.axes_dims, cfg.axes_lens, cfg.rope_theta)
-        (cos_t, sin_t), (cos_h, sin_h), (cos_w, sin_w) = [(c.to(device), s.to(device)) for c, s in tables]
-        self.register_buffer("cos_t", cos_t, persistent=False)
-        self.register_buffer("sin_t", sin_t, persistent=False)
-        # Image tokens sit at (Lpad + 1, h, w); only the first axis depends on the caption, so the h/w part is a
-        # constant. Image pad tokens (when h*w is not a multiple of 32) sit at (0, 0, 0).
-        hh = torch.arange(self.h_tokens, device=device).repeat_interleave(self.w_tokens)
-        ww = torch.arange(self.w_tokens, device=device).repeat(self.h_tokens)
-        hh = torch.cat([hh, torch.zeros(self.image_pad, dtype=torch.long, device=device)])
-        ww = torch.cat([ww, torch.zeros(self.image_pad, dtype=torch.long, device=device)])
-        self.register_buffer("cos_hw", torch.cat([cos_h[hh], cos_w[ww]], dim=-1), persistent=False)
-        self.register_buffer("sin_hw", torch.cat([sin_h[hh], sin_w[ww]], dim=-1), persistent=False)
-        # Captions sit at (1..Lpad, 0, 0).
-        self.register_buffer("cos_hw0", torch.cat([cos_h[0], cos_w[0]]), persistent=False)
-        self.register_buffer("sin_hw0", torch.cat([sin_h[0], sin_w[0]]), persistent=False)
+        for axis, (cos, sin) in zip("thw", rope_tables(cfg.axes_dims, cfg.axes_lens, cfg.rope_theta)):
+            self.register_buffer(f"cos_{axis}", cos.to(device), persistent=False)
+            self.register_buffer(f"sin_{axis}", sin.to(device), persistent=False)
 
-    def _rope(self, lpad):
-        n_img, n_pad = self.image_tokens, self.image_pad
-        t_dim = self.cos_t.shape[1]
+    def _rope(self, h_tokens, w_tokens, lpad, cos: bool):
+        """(image rows, caption rows) of the cos or sin table, in the reference's token order.
 
-        def image(table_t, table_hw):
-            first = table_t[lpad + 1].expand(n_img, t_dim)
-            if n_pad:
-                first = torch.cat([first, table_t[0].expand(n_pad, t_dim)])
-            return torch.cat([first, table_hw], dim=-1)
+        Image tokens sit at (Lpad + 1, h, w) in (h, w) order, then the image pad tokens (up to the next multiple
+        of 32) at (0, 0, 0); caption tokens at (1..Lpad, 0, 0). Written without branches on sizes, so the graph
+        stays dynamic (an empty pad is a concatenation of zero rows).
+        """
+        t, h, w = (self.cos_t, self.cos_h, self.cos_w) if cos else (self.sin_t, self.sin_h, self.sin_w)
+        dt, dh, dw = t.shape[1], h.shape[1], w.shape[1]
+        n_img = h_tokens * w_tokens
+        n_pad = padded_length(n_img) - n_img
+        # Every expand names its sizes: ONNX Expand broadcasts and has no -1 ("keep this dim").
+        grid = torch.cat(
+            [h[:h_tokens, None, :].expand(h_tokens, w_tokens, dh), w[None, :w_tokens, :].expand(h_tokens, w_tokens, dw)],
+            dim=-1,
+        ).flatten(0, 1)
+        image = torch.cat([t[lpad + 1].expand(n_img, dt), grid], dim=-1)
+        origin = torch.cat([t[0], h[0], w[0]])
+        image = torch.cat([image, origin.expand(n_pad, dt + dh + dw)])
+        caption = torch.cat([t[1 : lpad + 1], torch.cat([h[0], w[0]]).expand(lpad, dh + dw)], dim=-1)
+        return image, caption
 
-        def caption(table_t, table_hw0):
-            return torch.cat([table_t[1 : lpad + 1], table_hw0.expand(lpad, table_hw0.shape[0])], dim=-1)
-
-        img = (image(self.cos_t, self.cos_hw), image(self.sin_t, self.sin_hw))
-        cap = (caption(self.cos_t, self.cos_hw0), caption(self.sin_t, self.sin_hw0))
-        return img, cap
-
-    def patchify(self, latents: torch.Tensor) -> torch.Tensor:
+    def patchify(self, latents: torch.Tensor, h_tokens, w_tokens) -> torch.Tensor:
         """[1, C, h, w] -> [h/p * w/p, p*p*C], token order (h, w), features (ph, pw, C) as the reference."""
         p, c = self.patch, self.channels
-        x = latents[0].view(c, self.h_tokens, p, self.w_tokens, p)
-        return x.permute(1, 3, 2, 4, 0).reshape(self.image_tokens, p * p * c)
+        x = latents[0].unflatten(1, (h_tokens, p)).unflatten(3, (w_tokens, p))  # [C, ht, p, wt, p]
+        return x.permute(1, 3, 2, 4, 0).flatten(2).flatten(0, 1)
 
-    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
+    def unpatchify(self, tokens: torch.Tensor, h_tokens, w_tokens) -> torch.Tensor:
         p, c = self.patch, self.channels
-        x = tokens.view(self.h_tokens, self.w_tokens, p, p, c).permute(4, 0, 2, 1, 3)
-        return x.reshape(1, c, self.h_tokens * p, self.w_tokens * p)
+        x = tokens.unflatten(0, (h_tokens, w_tokens)).unflatten(2, (p, p, c)).permute(4, 0, 2, 1, 3)
+        return x.flatten(3, 4).flatten(1, 2)[None]
 
     def forward(self, latents, timestep, cap_feats, cap_len):
         tr = self.transformer
         key = f"{self.patch}-1"
         lpad = cap_feats.shape[1]
-        (img_cos, img_sin), (cap_cos, cap_sin) = self._rope(lpad)
+        h_tokens, w_tokens = latents.shape[2] // self.patch, latents.shape[3] // self.patch
+        n_img = h_tokens * w_tokens
+        img_cos, cap_cos = self._rope(h_tokens, w_tokens, lpad, cos=True)
+        img_sin, cap_sin = self._rope(h_tokens, w_tokens, lpad, cos=False)
 
         adaln = tr.t_embedder(timestep * self.t_scale).to(self.dtype)
 
-        x = tr.all_x_embedder[key](self.patchify(latents.to(self.dtype)))
-        if self.image_pad:
-            x = torch.cat([x, tr.x_pad_token.to(x.dtype).expand(self.image_pad, x.shape[1])])
-        x = x[None]
+        x = tr.all_x_embedder[key](self.patchify(latents.to(self.dtype), h_tokens, w_tokens))
+        n_pad = padded_length(n_img) - n_img
+        x = torch.cat([x, tr.x_pad_token.to(x.dtype).expand(n_pad, x.shape[1])])[None]
         for layer in tr.noise_refiner:
             x = layer(x, None, (img_cos, img_sin), adaln)
 
@@ -193,7 +190,7 @@ class DiTForExport(nn.Module):
         for layer in tr.layers:
             unified = layer(unified, None, (cos, sin), adaln)
         unified = tr.all_final_layer[key](unified, c=adaln)
-        return self.unpatchify(unified[0, : self.image_tokens]).float()
+        return self.unpatchify(unified[0, :n_img], h_tokens, w_tokens).float()
 
 
 class DiffusersDiT(nn.Module):

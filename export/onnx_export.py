@@ -82,6 +82,20 @@ def export_onnx(module, inputs: tuple, path: Path, dynamic_shapes: dict | None, 
     return path
 
 
+def rename_dims(path: Path, names: dict[str, str]) -> None:
+    """Rename dynamic dims of the graph's inputs and outputs (e.g. the exporter's '2*h_tokens' to
+    'latent_height'), so every graph names an axis the same way and the builder finds its range by name.
+    Only the graph file is rewritten; external weight data is left where it is."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for value in list(model.graph.input) + list(model.graph.output):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in names:
+                dim.dim_param = names[dim.dim_param]
+    onnx.save(model, str(path))
+
+
 def graph_io(path: Path) -> dict:
     """Names, ONNX element types and shapes (str for dynamic dims) of a graph's inputs and outputs."""
     import onnx

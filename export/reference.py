@@ -13,15 +13,12 @@ from .fp16 import fold_rescale
 from .modules import DiTForExport, TextEncoderForExport, VaeDecoderForExport
 
 
-def reference_modules(
-    model_dir, height: int, width: int, dtype=torch.float32, device="cpu", fp16_scales: dict | None = None
-) -> dict:
-    """{network name: module} at the given resolution and precision, on `device`.
+def reference_modules(model_dir, dtype=torch.float32, device="cpu", fp16_scales: dict | None = None) -> dict:
+    """{network name: module} in the given precision, on `device`; they take any image size.
 
     In fp16, pass the bundle's `fp16_scales`: the transformer is then rescaled exactly as the exported graph
     (without them plain fp16 can overflow, see fp16.py), which makes it the graph's eager twin.
     """
-    h, w = height // 8, width // 8
     qwen = checkpoint.load_text_encoder(model_dir, dtype, device)
     if dtype == torch.float16 and fp16_scales:
         dit = checkpoint.load_transformer(model_dir, torch.float32, device)
@@ -32,6 +29,6 @@ def reference_modules(
     vae = checkpoint.load_vae(model_dir, vae_dtype, device)
     return {
         "text_encoder": TextEncoderForExport(qwen, dtype),
-        "transformer": DiTForExport(dit, h, w, dtype, inplace=True).to(device),
+        "transformer": DiTForExport(dit, dtype, inplace=True).to(device),
         "vae_decoder": VaeDecoderForExport(vae, vae_dtype),
     }

@@ -1,4 +1,8 @@
-"""Read an export bundle (see export/bundle.py for its layout) and refuse one this runtime cannot use."""
+"""Read an export bundle (see export/bundle.py for its layout) and refuse one this runtime cannot use.
+
+Version 2 bundles record the image sizes they cover (`image_sizes`, a SizeRange); version 1 bundles, written
+before sizes were dynamic, are read as one-size bundles at their `height` x `width`.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,11 @@ from pathlib import Path
 
 from zimage_trt.errors import UserError
 
+from .sizes import SizeRange, latent_shape
+
 BUNDLE_FORMAT = "zimage-trt-bundle"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 NETWORKS = ("text_encoder", "transformer", "vae_decoder")
 
 
@@ -32,7 +39,7 @@ class Bundle:
             raise UserError(f"{mpath} is not valid JSON ({exc})") from None
         if manifest.get("format") != BUNDLE_FORMAT:
             raise UserError(f"{mpath} is not a zimage-trt bundle manifest")
-        if manifest.get("version") != BUNDLE_VERSION:
+        if manifest.get("version") not in READABLE_VERSIONS:
             raise UserError(
                 f"bundle {root} has format version {manifest.get('version')}, this runtime reads {BUNDLE_VERSION};"
                 " re-export it with this version of zimage-trt"
@@ -49,16 +56,28 @@ class Bundle:
         return cls(root, manifest)
 
     @property
+    def sizes(self) -> SizeRange:
+        """The image sizes the bundle's graphs take (one size for a static bundle)."""
+        if "image_sizes" in self.manifest:
+            return SizeRange.from_dict(self.manifest["image_sizes"])
+        return SizeRange.single(self.width, self.height)
+
+    @property
     def height(self) -> int:
+        """The default (opt) image height."""
         return int(self.manifest["height"])
 
     @property
     def width(self) -> int:
+        """The default (opt) image width."""
         return int(self.manifest["width"])
 
     @property
-    def latent_shape(self) -> tuple[int, ...]:
-        return tuple(self.manifest["latent_shape"])
+    def latent_channels(self) -> int:
+        return int(self.manifest["latent_shape"][1])
+
+    def latent_shape_for(self, width: int, height: int) -> tuple[int, ...]:
+        return latent_shape(width, height, self.latent_channels)
 
     @property
     def caption_dim(self) -> int:

@@ -1,11 +1,13 @@
 """The lean loop: prompt -> tokens -> text encoder -> transformer passes -> VAE -> image.
 
-It owns every buffer, allocated once at the bundle's sizes; each generation only fills them. On a GPU with
+It owns every buffer, allocated once at the largest image size it serves; a generation at a smaller size works
+on views of the first elements of the same storage, so nothing is allocated per request. On a GPU with
 capturable sessions (TensorRT, eager PyTorch) the whole denoising loop, all passes and Euler updates, is
-recorded once per (step count, caption length) in a CUDA graph and replayed, so the host does constant work
-per image whatever the step count or the image size. The only host sync is reading the finished image back.
+recorded once per (image size, caption length, step count) in a CUDA graph and replayed, so the host does
+constant work per image. The graphs live in a bounded LRU cache and share one memory pool: memory is bounded by
+the largest single loop, however many graphs are cached. The only host sync is reading the finished image back.
 
-Verbs, in the order `generate` calls them: tokenize, encode_prompt, init_latents, denoise, decode.
+Verbs, in the order `generate` calls them: use_size, tokenize, encode_prompt, init_latents, denoise, decode.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from zimage_trt.errors import UserError
 
 from .bundle import Bundle
 from .scheduler import Schedule, flow_match_schedule
+from .sizes import SizeRange, format_size
 from .tokenizer import PromptTokenizer
 
-MAX_CUDA_GRAPHS = 16  # one per padded caption length (512 / 32) for the default step count
+MAX_CUDA_GRAPHS = 16  # e.g. every padded caption length (512 / 32) at one size, or 4 lengths at 4 sizes
 
 
 @dataclass
@@ -46,6 +49,7 @@ class ZImageRuntime:
         generator_device: str = "cpu",
         cuda_graph: bool = True,
         sigmas: list[float] | None = None,
+        max_cuda_graphs: int = MAX_CUDA_GRAPHS,
     ):
         self.bundle = bundle
         self.device = torch.device(device)
@@ -58,21 +62,73 @@ class ZImageRuntime:
         self.use_cuda_graph = (
             cuda_graph and self.device.type == "cuda" and getattr(self.transformer, "capturable", False)
         )
-        self._graphs: OrderedDict[tuple[int, int], torch.cuda.CUDAGraph] = OrderedDict()
+        self.sessions = sessions
+        self.sizes = self._served_sizes()
+        self.max_cuda_graphs = max_cuda_graphs
+        self._graphs: OrderedDict[tuple, torch.cuda.CUDAGraph] = OrderedDict()
+        self._graph_pool = None  # one memory pool for every captured loop (they never run at the same time)
+        self.graphs_evicted = 0
         self._plans: dict[int, Plan] = {}
         self._allocate()
+        self.size: tuple[int, int] | None = None  # (width, height) the buffers' views are set for
+        self.use_size(*self.sizes.opt)
         self._plans[self.default_steps] = self._make_plan(self.default_steps, sigmas)
 
-    # ---------------------------------------------------------------- buffers
+    # ---------------------------------------------------------------- sizes and buffers
+    def _served_sizes(self) -> SizeRange:
+        """The bundle's sizes, narrowed to what every engine's optimization profile covers."""
+        sizes = self.bundle.sizes
+        for s in self.sessions.values():
+            profile = getattr(s, "image_sizes", None)
+            if profile is None:
+                continue
+            narrowed = sizes.intersect(profile)
+            if narrowed is None:
+                raise UserError(
+                    f"the {s.name} engine's profile ({profile.describe()}) covers no size of bundle "
+                    f"{self.bundle.root} ({sizes.describe()}); rebuild it: {s.rebuild_hint()}"
+                )
+            sizes = narrowed
+        return sizes
+
+    def check_size(self, width: int, height: int) -> None:
+        """Refuse a size the bundle or an engine does not cover, in one line with what would cover it."""
+        self.bundle.sizes.check(
+            width, height, f"bundle {self.bundle.root}",
+            "export a bundle that covers it: zimage-trt export --model MODEL --out BUNDLE --size-range MIN:MAX",
+        )
+        for s in self.sessions.values():
+            profile = getattr(s, "image_sizes", None)
+            if profile is not None and not profile.covers(width, height):
+                raise UserError(
+                    f"size {format_size(width, height)} is outside the {s.name} engine's profile "
+                    f"({profile.describe()}); build engines that cover it: {s.rebuild_hint(width, height)}"
+                )
+
     def _allocate(self) -> None:
+        """Every buffer once, at the largest size served; `use_size` points the size-dependent ones at views."""
         b, dev = self.bundle, self.device
+        width, height = self.sizes.largest
         self.ids = torch.zeros(1, b.max_caption_tokens, dtype=torch.int64, device=dev)
         self.caption = torch.zeros(1, b.max_caption_tokens, b.caption_dim, dtype=torch.float32, device=dev)
         self.cap_len = torch.zeros(1, dtype=torch.int64, device=dev)
-        self.latents = torch.zeros(b.latent_shape, dtype=torch.float32, device=dev)
-        self.velocity = torch.zeros_like(self.latents)
         self.timestep = torch.zeros(1, dtype=torch.float32, device=dev)
-        self.image = torch.zeros(1, 3, b.height, b.width, dtype=torch.float32, device=dev)
+        n_latent = int(np.prod(b.latent_shape_for(width, height)))
+        self._latents_store = torch.zeros(n_latent, dtype=torch.float32, device=dev)
+        self._velocity_store = torch.zeros(n_latent, dtype=torch.float32, device=dev)
+        self._image_store = torch.zeros(3 * height * width, dtype=torch.float32, device=dev)
+
+    def use_size(self, width: int, height: int) -> None:
+        """Point latents, velocity and image at contiguous views of their storage for this size."""
+        if self.size == (width, height):
+            return
+        self.check_size(width, height)
+        shape = self.bundle.latent_shape_for(width, height)
+        n = int(np.prod(shape))
+        self.latents = self._latents_store[:n].view(shape)
+        self.velocity = self._velocity_store[:n].view(shape)
+        self.image = self._image_store[: 3 * height * width].view(1, 3, height, width)
+        self.size = (width, height)
 
     def _make_plan(self, steps: int, sigmas=None) -> Plan:
         sched = self.bundle.scheduler
@@ -108,9 +164,10 @@ class ZImageRuntime:
         return self.bundle.padded_caption_length(n)
 
     def init_latents(self, seed: int) -> None:
-        """The reference's initial noise: randn in float32 from a generator seeded on `generator_device`."""
+        """The reference's initial noise at the current size: randn in float32, of the latent shape diffusers
+        uses for that size, from a generator seeded on `generator_device`."""
         gen = torch.Generator(self.generator_device).manual_seed(int(seed))
-        noise = torch.randn(self.bundle.latent_shape, generator=gen, device=self.generator_device)
+        noise = torch.randn(self.latents.shape, generator=gen, device=self.generator_device)
         self.latents.copy_(noise)
 
     def _feeds(self, lpad: int) -> dict:
@@ -131,21 +188,41 @@ class ZImageRuntime:
             self.latents.add_(self.velocity)
 
     def _graph_for(self, lpad: int, plan: Plan) -> "torch.cuda.CUDAGraph":
-        key = (plan.schedule.passes, lpad)
+        key = (self.size, lpad, plan.schedule.passes)
         graph = self._graphs.get(key)
         if graph is not None:
             self._graphs.move_to_end(key)
             return graph
+        while len(self._graphs) >= self.max_cuda_graphs:
+            self._evict_oldest_graph()
         # One eager pass first: engines and kernels initialise lazily, and that must not land in the graph.
         self.transformer.run(self._feeds(lpad), {"velocity": self.velocity})
         torch.cuda.synchronize(self.device)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        # Sharing the pool is safe: each loop frees all its temporaries before it ends and writes only the
+        # runtime's own buffers, and the loops run one at a time on one stream.
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self._graph_pool):
             self._denoise_eager(lpad, plan)
         self._graphs[key] = graph
-        if len(self._graphs) > MAX_CUDA_GRAPHS:
-            self._graphs.popitem(last=False)
         return graph
+
+    def _evict_oldest_graph(self) -> None:
+        (size, lpad, _), graph = self._graphs.popitem(last=False)
+        graph.reset()  # frees the graph's executable now, not whenever Python collects it
+        self.graphs_evicted += 1
+        release = getattr(self.transformer, "release_shapes", None)
+        if release is not None and not any(k[:2] == (size, lpad) for k in self._graphs):
+            release(self._feed_shapes(size, lpad))  # no cached graph uses that shape's engine context any more
+
+    def _feed_shapes(self, size: tuple[int, int], lpad: int) -> dict[str, tuple]:
+        return {
+            "latents": self.bundle.latent_shape_for(*size),
+            "timestep": (1,),
+            "cap_feats": (1, lpad, self.bundle.caption_dim),
+            "cap_len": (1,),
+        }
 
     def denoise(self, lpad: int, steps: int | None = None) -> None:
         """All transformer passes and Euler steps over self.latents, in place."""
@@ -161,7 +238,11 @@ class ZImageRuntime:
         pixels = (self.image[0].permute(1, 2, 0) * 255).round().to(torch.uint8)
         return pixels.cpu().numpy()  # the one host sync of a generation
 
-    def generate(self, prompt: str, seed: int = 0, steps: int | None = None) -> np.ndarray:
+    def generate(
+        self, prompt: str, seed: int = 0, steps: int | None = None, size: tuple[int, int] | None = None
+    ) -> np.ndarray:
+        """One image of `size` (width, height; default: the bundle's opt size) as HxWx3 uint8."""
+        self.use_size(*(size or self.sizes.opt))
         ids = self.tokenize(prompt)
         lpad = self.encode_prompt(ids)
         self.init_latents(seed)

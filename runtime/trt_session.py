@@ -1,10 +1,10 @@
 """TensorRT / TensorRT-RTX backend: engines from `zimage-trt build`, run on the caller's torch buffers.
 
-One execution context per engine, created with user-managed device memory: the three engines run one after
-another on one stream, so they share one device-memory block sized for the largest. Inputs and outputs are
-bound by address (`set_tensor_address`) and the caption length is set with `set_input_shape` only when it
-changes; `execute_async_v3` enqueues on the current torch stream and returns, so the runtime can record the
-whole denoising loop in a CUDA graph. TensorRT-RTX compiles kernels for the GPU at first use; its runtime cache
+Execution contexts use user-managed device memory: the three engines run one after another on one stream, so
+every context shares one device-memory block sized for the largest. The transformer, whose loop the runtime
+records in CUDA graphs, has one context per input-shape set (image size, caption length), each fixed at its
+shapes; the text encoder and VAE have one context each and set shapes as they change. Inputs and outputs are
+bound by address (`set_tensor_address`); `execute_async_v3` enqueues on the current torch stream and returns. TensorRT-RTX compiles kernels for the GPU at first use; its runtime cache
 is kept beside the engine (NAME.engine.runtime_cache) so the next process starts warm.
 
 Before anything is deserialized each engine's sidecar is checked against the bundle, the installed library
@@ -23,22 +23,31 @@ from zimage_trt.engine.trt_api import RTX_UNSUPPORTED_CC, gpu_info, load_flavour
 from zimage_trt.errors import UserError
 
 from .bundle import NETWORKS, Bundle
+from .sizes import SizeRange
 
 
 class TrtSession:
     capturable = True
 
     def __init__(
-        self, name: str, flavour, runtime, engine_file: Path, device: torch.device, precision: str, eager: bool
+        self, name: str, flavour, runtime, engine_file: Path, device: torch.device, meta: dict, recorded: bool,
+        fix: str,
     ):
-        """eager: (TensorRT-RTX) compile shape-specialised kernels at the first run of a new shape, before the
-        runtime records it in a CUDA graph; otherwise they are compiled in the background and swapped in later."""
+        """recorded: the runtime records this session's runs in CUDA graphs (the transformer). Then TensorRT-RTX
+        compiles shape-specialised kernels eagerly at the first run of a new shape, before the runtime records
+        it; otherwise they are compiled in the background and swapped in later.
+        meta: the engine's sidecar; fix: the build command for this bundle and engine folder."""
+        eager = recorded
         trt = flavour.trt
-        self.name, self.device, self.flavour, self.precision = name, device, flavour, precision
+        self.name, self.device, self.flavour, self.precision = name, device, flavour, meta["precision"]
+        sizes = meta.get("image_sizes")
+        self.image_sizes = SizeRange.from_dict(sizes) if sizes else None  # what the profile covers
+        self._fix = fix
         self.engine = runtime.deserialize_cuda_engine(engine_file.read_bytes())
         if self.engine is None:
             raise UserError(f"{engine_file} could not be deserialized by {flavour.name} {flavour.version}; rebuild it")
         self.cache_file = None
+        self.runtime_config = None  # TensorRT-RTX: lives as long as the contexts made from it
         if flavour.is_rtx:
             config = self.engine.create_runtime_config()
             config.set_execution_context_allocation_strategy(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
@@ -50,34 +59,74 @@ class TrtSession:
             if self.cache_file.is_file():
                 self.cache.deserialize(self.cache_file.read_bytes())
             config.set_runtime_cache(self.cache)
-            self.context = self.engine.create_execution_context(config)
-        else:
-            self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            self.runtime_config = config
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self.shapes: dict[str, tuple] = {}
+        # A CUDA graph that recorded execute_async_v3 must not be replayed after its context changed input
+        # shapes (NVIDIA/TensorRT#3798). A session whose runs are recorded (the transformer) therefore keeps one
+        # context per input-shape set, each fixed at its shapes for life, all on the one shared memory block;
+        # the runtime releases a shape's context when it evicts the last graph that uses it. The others (text
+        # encoder, VAE: never recorded) keep one context and set shapes as they change.
+        self.per_shape = recorded
+        self.contexts: dict[tuple, object] = {}
+        self.shapes: dict[tuple | None, tuple] = {}  # context key -> the shapes set on it
+        self.block = None
         self.eager = eager and self.cache_file is not None
+
+    def _new_context(self):
+        trt = self.flavour.trt
+        if self.runtime_config is not None:
+            ctx = self.engine.create_execution_context(self.runtime_config)
+        else:
+            ctx = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if self.block is not None:
+            ctx.set_device_memory(self.block.data_ptr(), self.block.numel())
+        return ctx
+
+    def _context_for(self, inputs) -> tuple[object, bool]:
+        """(the context for these input shapes, whether its shapes were just set)."""
+        shapes = tuple(tuple(inputs[n].shape) for n in self.input_names)
+        key = shapes if self.per_shape else None
+        ctx = self.contexts.get(key)
+        if ctx is None:
+            ctx = self.contexts[key] = self._new_context()
+        if self.shapes.get(key) == shapes:
+            return ctx, False
+        for n, shape in zip(self.input_names, shapes):
+            if not ctx.set_input_shape(n, shape):
+                raise UserError(f"{self.name}: input {n} of shape {list(shape)} is outside the engine's profile")
+        self.shapes[key] = shapes
+        return ctx, True
+
+    def release_shapes(self, inputs_shapes: dict[str, tuple]) -> None:
+        """Drop the context of these input shapes (the runtime evicted the last graph recorded with it)."""
+        key = tuple(tuple(inputs_shapes[n]) for n in self.input_names)
+        self.contexts.pop(key, None)
+        self.shapes.pop(key, None)
+
+    def rebuild_hint(self, width: int | None = None, height: int | None = None) -> str:
+        """The build command whose engines cover this profile's corners and, if given, width x height."""
+        if self.image_sizes is None:
+            return self._fix
+        r = self.image_sizes
+        sizes = [(r.min_width, r.min_height), r.opt, r.largest] + ([(width, height)] if width else [])
+        return f"{self._fix} --sizes {','.join(f'{w}x{h}' for w, h in dict.fromkeys(sizes))}"
 
     @property
     def device_memory_size(self) -> int:
         return int(self.engine.device_memory_size_v2)
 
     def bind_device_memory(self, block: torch.Tensor) -> None:
-        self.context.set_device_memory(block.data_ptr(), block.numel())
+        """Every context, now and later, runs on `block` (256-byte aligned, >= device_memory_size)."""
+        self.block = block
+        for ctx in self.contexts.values():
+            ctx.set_device_memory(block.data_ptr(), block.numel())
 
     def run(self, inputs, outputs) -> None:
-        ctx = self.context
-        new_shape = False
+        ctx, new_shape = self._context_for(inputs)
         for n in self.input_names:
-            t = inputs[n]
-            shape = tuple(t.shape)
-            if self.shapes.get(n) != shape:
-                if not ctx.set_input_shape(n, shape):
-                    raise UserError(f"{self.name}: input {n} of shape {list(shape)} is outside the engine's profile")
-                self.shapes[n] = shape
-                new_shape = True
-            ctx.set_tensor_address(n, t.data_ptr())
+            ctx.set_tensor_address(n, inputs[n].data_ptr())
         for n in self.output_names:
             ctx.set_tensor_address(n, outputs[n].data_ptr())
         if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
@@ -124,7 +173,7 @@ def open_engine_sessions(bundle: Bundle, engines_dir, device: torch.device) -> d
     # The text encoder sees a new length with nearly every prompt: it runs generic kernels meanwhile.
     with torch.cuda.device(device):  # TensorRT places engines on the current CUDA device
         sessions = {
-            n: TrtSession(n, flavour, runtime, files[n], device, metas[n]["precision"], eager=(n == "transformer"))
+            n: TrtSession(n, flavour, runtime, files[n], device, metas[n], recorded=(n == "transformer"), fix=fix)
             for n in NETWORKS
         }
     if flavour.is_rtx:

@@ -61,7 +61,7 @@ def test_transformer_graph_at_other_caption_lengths(request, tiny_model, bundle_
     bundle = request.getfixturevalue(bundle_name)
     prec = manifest(bundle)["networks"]["transformer"]["precision"]
     dit = checkpoint.load_transformer(tiny_model, torch.float32)
-    ref = DiTForExport(dit, SIZE // 8, SIZE // 8)
+    ref = DiTForExport(dit)
     g = torch.Generator().manual_seed(n_cap)
     lpad = -(-n_cap // 32) * 32
     inputs = (

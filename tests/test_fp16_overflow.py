@@ -70,24 +70,24 @@ def test_rescale_is_exact_in_fp32(hot, dit_inputs):
     folded = fold_rescale_copy = copy.deepcopy(hot.transformer)
     fold_rescale(fold_rescale_copy, choose_scales(peaks))
     with torch.no_grad():
-        want = DiTForExport(hot.transformer, LAT, LAT)(*dit_inputs)
-        got = DiTForExport(folded, LAT, LAT)(*dit_inputs)
+        want = DiTForExport(hot.transformer)(*dit_inputs)
+        got = DiTForExport(folded)(*dit_inputs)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_naive_fp16_overflows_and_rescaled_fp16_does_not(hot, dit_inputs, tmp_path):
     import copy
 
-    reference = DiTForExport(hot.transformer, LAT, LAT)  # float32
+    reference = DiTForExport(hot.transformer)  # float32
 
-    naive = DiTForExport(hot.transformer, LAT, LAT, torch.float16)
+    naive = DiTForExport(hot.transformer, torch.float16)
     export_onnx(naive, dit_inputs, tmp_path / "naive.onnx", None)
     result = check_onnx("naive", tmp_path / "naive.onnx", reference, dit_inputs, "fp16")
     assert not np.isfinite(result.rel)  # inf/NaN reach the output
 
     folded = copy.deepcopy(hot.transformer)
     fold_rescale(folded, choose_scales(measure_peaks(hot, [PROMPT], LAT * 8, LAT * 8, steps=2)))
-    ours = DiTForExport(folded, LAT, LAT, torch.float16)
+    ours = DiTForExport(folded, torch.float16)
     export_onnx(ours, dit_inputs, tmp_path / "ours.onnx", None)
     result = check_onnx("rescaled", tmp_path / "ours.onnx", reference, dit_inputs, "fp16")
     assert np.isfinite(result.rel)

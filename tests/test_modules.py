@@ -10,7 +10,7 @@ from zimage_trt.export.modules import (
     DiTForExport,
     TextEncoderForExport,
     VaeDecoderForExport,
-    padded_caption_length,
+    padded_length,
     rope_tables,
 )
 
@@ -43,11 +43,11 @@ def test_dit_wrapper_equals_diffusers(transformer, h, w, n_cap):
     caption = torch.randn(n_cap, transformer.config.cap_feat_dim, generator=g) * 3
     t = torch.tensor([0.37])
     want = diffusers_velocity(transformer, latents, t, caption)
-    lpad = padded_caption_length(n_cap)
+    lpad = padded_length(n_cap)
     # The runtime leaves whatever is in the pad rows; the graph must not depend on it.
     padded = torch.cat([caption, torch.randn(lpad - n_cap, caption.shape[1], generator=g) * 100])[None]
     with torch.no_grad():
-        got = DiTForExport(transformer, h, w)(latents, t, padded, torch.tensor([n_cap]))
+        got = DiTForExport(transformer)(latents, t, padded, torch.tensor([n_cap]))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -94,7 +94,7 @@ def test_rope_tables_follow_the_weights_device(transformer):
     import copy
 
     on_meta = copy.deepcopy(transformer).to("meta")
-    wrapper = DiTForExport(on_meta, 16, 16, inplace=True)
+    wrapper = DiTForExport(on_meta, inplace=True)
     assert {b.device.type for b in wrapper.buffers()} == {"meta"}
 
 

@@ -178,13 +178,14 @@ def bench_diffusers(model_dir, prompt, seed, height, width, steps, device, dtype
     return result
 
 
-def bench_runtime(bundle, sessions: dict, prompt, seed, device, warmup, iters) -> dict:
+def bench_runtime(bundle, sessions: dict, prompt, seed, device, warmup, iters, size) -> dict:
     """The runtime's verbs timed one by one; the same calls `generate` makes, in the same order."""
     from zimage_trt.runtime.pipeline import ZImageRuntime
 
     clock = Clock(device)
     te, vae = TimedSession(sessions["text_encoder"], clock), TimedSession(sessions["vae_decoder"], clock)
     rt = ZImageRuntime(bundle, {"text_encoder": te, "transformer": sessions["transformer"], "vae_decoder": vae}, device)
+    rt.use_size(*size)
     samples = Samples(device)
     for i in range(warmup + iters):
         clock.sync()
@@ -257,12 +258,16 @@ def available_backends(requested: list[str], device: torch.device, engines) -> t
     return run, skipped
 
 
-def run_bench(model_dir, bundle_dir, backends, engines, device, prompt, seed, warmup, iters, diffusers=True) -> dict:
+def run_bench(
+    model_dir, bundle_dir, backends, engines, device, prompt, seed, warmup, iters, diffusers=True, size=None
+) -> dict:
     from zimage_trt.export.configs import dit_flops_per_pass
     from zimage_trt.runtime.bundle import Bundle
     from zimage_trt.sessions import open_sessions
 
     bundle = Bundle.open(bundle_dir)
+    width, height = size or bundle.sizes.opt
+    bundle.sizes.check(width, height, f"bundle {bundle.root}")
     torch_dtype = "bf16" if device.type == "cuda" else "fp32"
     rate, rate_how = matmul_rate(device)
     run, skipped = available_backends(backends, device, engines)
@@ -270,8 +275,8 @@ def run_bench(model_dir, bundle_dir, backends, engines, device, prompt, seed, wa
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "matmul_rate_tflops": rate / 1e12,
         "matmul_rate_measured_with": rate_how,
-        "height": bundle.height,
-        "width": bundle.width,
+        "height": height,
+        "width": width,
         "prompt": prompt,
         "systems": {},
         "skipped": skipped,
@@ -282,20 +287,20 @@ def run_bench(model_dir, bundle_dir, backends, engines, device, prompt, seed, wa
     if diffusers:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         results["systems"][f"diffusers eager ({torch_dtype})"] = bench_diffusers(
-            model_dir, prompt, seed, bundle.height, bundle.width, steps, device, dtype, warmup, iters
+            model_dir, prompt, seed, height, width, steps, device, dtype, warmup, iters
         )
     for backend in run:
         base = _memory_start(device)
         sessions = open_sessions(backend, bundle, device, model_dir=model_dir, engines=engines, torch_dtype=torch_dtype)
         precision = "/".join(sorted({s.precision for s in sessions.values()}))
-        r = bench_runtime(bundle, sessions, prompt, seed, device, warmup, iters)
+        r = bench_runtime(bundle, sessions, prompt, seed, device, warmup, iters, (width, height))
         r["memory"] = _memory_end(device, base)
         results["systems"][f"runtime {backend} ({precision})"] = r
         del sessions
         release_memory(device)
     lpad = next((r["lpad"] for r in results["systems"].values() if "lpad" in r), 128)
     cfg = bundle.manifest["config"]["transformer"]
-    image_tokens = (bundle.height // 16) * (bundle.width // 16)
+    image_tokens = (height // 16) * (width // 16)
     flops = dit_flops_per_pass(cfg, image_tokens, lpad)
     results["flops_per_pass"] = flops
     results["floor_ms"] = {

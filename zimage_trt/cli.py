@@ -84,13 +84,28 @@ def _read_prompts(path):
     return prompts
 
 
+def _export_sizes(args):
+    """--size-range MIN:MAX [--opt-size WxH] -> a SizeRange; None for the one-size --width/--height bundle."""
+    from zimage_trt.runtime.sizes import SizeRange, parse_size
+
+    if args.size_range is None:
+        if args.opt_size is not None:
+            raise UserError("--opt-size goes with --size-range; a one-size bundle takes --width and --height")
+        return None
+    if args.height is not None or args.width is not None:
+        raise UserError("--size-range and --width/--height exclude each other: a range, or one size")
+    rng = SizeRange.square_range(args.size_range, parse_size(args.opt_size or "1024x1024", "--opt-size"))
+    return None if rng.is_single else rng
+
+
 def cmd_export(args) -> None:
     from zimage_trt.export.bundle import ExportOptions, export_bundle
     from zimage_trt.export.onnx_export import CheckResult
 
     opts = ExportOptions(
-        height=args.height,
-        width=args.width,
+        height=args.height or 1024,
+        width=args.width or 1024,
+        size_range=_export_sizes(args),
         precision=_precisions(args),
         opset=args.opset,
         device=args.device,
@@ -114,6 +129,7 @@ def cmd_build(args) -> None:
     opts = BuildOptions(
         backend=args.backend,
         targets=targets,
+        sizes=_size_list(args.sizes, "--sizes") if args.sizes else None,
         opt_tokens=args.opt_tokens,
         networks=tuple(args.networks.split(",")) if args.networks else BuildOptions().networks,
         force=args.force,
@@ -130,6 +146,22 @@ def cmd_build(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------ generate
+def _size_list(text: str, what: str) -> list[tuple[int, int]]:
+    from zimage_trt.runtime.sizes import parse_size
+
+    sizes = [parse_size(t, what) for t in text.split(",") if t.strip()]
+    if not sizes:
+        raise UserError(f"{what} needs at least one WIDTHxHEIGHT")
+    return sizes
+
+
+def _one_size(text, bundle):
+    """--size WxH (or auto / absent: the bundle's opt size)."""
+    from zimage_trt.runtime.sizes import parse_size
+
+    return bundle.sizes.opt if text in (None, "auto") else parse_size(text, "--size")
+
+
 def _sessions(args, bundle):
     from zimage_trt.sessions import open_sessions, resolve_device
 
@@ -150,13 +182,15 @@ def cmd_generate(args) -> None:
     from zimage_trt.runtime.pipeline import ZImageRuntime, save_png
 
     bundle = Bundle.open(args.bundle)
+    size = _one_size(args.size, bundle)
+    bundle.sizes.check(*size, f"bundle {bundle.root}")  # before any session is opened
     sessions, device = _sessions(args, bundle)
     rt = ZImageRuntime(bundle, sessions, device, steps=args.steps, generator_device=args.generator_device)
     start = time.perf_counter()
-    pixels = rt.generate(args.prompt, args.seed)
+    pixels = rt.generate(args.prompt, args.seed, size=size)
     elapsed = time.perf_counter() - start
     save_png(pixels, args.out)
-    print(f"{args.out}: {bundle.width}x{bundle.height}, {rt.schedule.passes} passes, {args.backend}, {elapsed:.2f} s")
+    print(f"{args.out}: {size[0]}x{size[1]}, {rt.schedule.passes} passes, {args.backend}, {elapsed:.2f} s")
 
 
 # ------------------------------------------------------------------------------------------ parity
@@ -165,10 +199,13 @@ def cmd_parity(args) -> None:
     from zimage_trt.runtime.bundle import Bundle
 
     bundle = Bundle.open(args.bundle)
+    sizes = _size_list(args.size, "--size") if args.size else [bundle.sizes.opt]
+    for size in sizes:
+        bundle.sizes.check(*size, f"bundle {bundle.root}")
     backend = "tensorrt" if args.engines else args.backend
     args.backend = backend
     sessions, device = _sessions(args, bundle)
-    _report_parity(run_parity(args.model, bundle, sessions, backend, args.prompt, args.seed, device))
+    _report_parity(run_parity(args.model, bundle, sessions, backend, args.prompt, args.seed, device, sizes))
 
 
 def _report_parity(rows) -> None:
@@ -190,7 +227,7 @@ def cmd_bench(args) -> None:
         raise UserError("--iters must be at least 1 and --warmup at least 0")
     results = run_bench(
         args.model, args.bundle, backends, args.engines, device, args.prompt, args.seed, args.warmup, args.iters,
-        diffusers=not args.no_diffusers,
+        diffusers=not args.no_diffusers, size=_size_list(args.size, "--size")[0] if args.size else None,
     )
     table = format_table(results)
     results["table"] = table
@@ -285,8 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="diffusers-format folder, e.g. a download of Tongyi-MAI/Z-Image-Turbo")
     p.add_argument("--out", required=True, help="bundle folder to create")
-    p.add_argument("--height", type=int, default=1024, help="image height in pixels, multiple of 16 (default 1024)")
-    p.add_argument("--width", type=int, default=1024, help="image width in pixels, multiple of 16 (default 1024)")
+    p.add_argument("--size-range", metavar="MIN:MAX",
+                   help="one bundle for every WIDTHxHEIGHT with sides multiples of 16 in [MIN, MAX], e.g. 512:2048")
+    p.add_argument("--opt-size", metavar="WxH", help="with --size-range: the size engines are tuned for and the "
+                   "default size of generate and serve (default 1024x1024)")
+    p.add_argument("--height", type=int, help="one-size bundle: image height in pixels, multiple of 16 (default 1024;"
+                   " the fastest choice when you serve one size)")
+    p.add_argument("--width", type=int, help="one-size bundle: image width in pixels, multiple of 16 (default 1024)")
     p.add_argument("--precision", choices=PRECISIONS, help="one precision for all networks (the VAE is never fp16)")
     p.add_argument("--dit-precision", choices=PRECISIONS, help="transformer precision (default fp16)")
     p.add_argument("--text-encoder-precision", choices=PRECISIONS, help="text encoder precision (default fp16)")
@@ -314,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="tensorrt-rtx only: auto (this GPU) or a list such as sm89,sm120 (default auto)")
     p.add_argument("--networks", help="comma-separated subset of text_encoder,transformer,vae_decoder")
     p.add_argument("--opt-tokens", type=int, default=128, help="caption length the profile is tuned for (default 128)")
+    p.add_argument("--sizes", metavar="WxH,...",
+                   help="a bundle with a size range: narrow the engines' profile to the box that covers these sizes "
+                   "(e.g. 1024x1024,1536x1024,1024x1536); smaller profiles tune better. Default: the bundle's range")
     p.add_argument("--opt-level", type=int, choices=range(0, 6), help="builder optimization level 0-5")
     p.add_argument("--force", action="store_true", help="rebuild even engines that are current")
     p.add_argument("--skip-memory-check", action="store_true", help="build even if host memory looks too small")
@@ -335,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the text prompt")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--steps", type=int, default=None, help="number of steps (default: the bundle's, 9)")
+    p.add_argument("--size", metavar="WxH", help="image WIDTHxHEIGHT within the bundle's range (default: its opt size)")
     p.add_argument("--generator-device", default="cpu", choices=("cpu", "cuda"),
                    help="where the initial noise is drawn; diffusers gives the same image for the same choice")
     p.add_argument("--out", required=True, help="PNG file to write")
@@ -347,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(model=None)
     p.add_argument("--prompt", default="A photograph of a red fox sitting in fresh snow at sunrise")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--size", metavar="WxH,...", help="image sizes to check, e.g. 1024x1024,1536x1024 (default: the "
+                   "bundle's opt size)")
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser(
@@ -367,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="A photograph of a red fox sitting in fresh snow at sunrise, soft golden light")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-diffusers", action="store_true", help="skip diffusers' pipeline")
+    p.add_argument("--size", metavar="WxH", help="image size to measure (default: the bundle's opt size)")
     p.add_argument("--json", help="also write the results as JSON here")
     p.set_defaults(func=cmd_bench)
 

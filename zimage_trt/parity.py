@@ -69,27 +69,34 @@ def _compare(stage, backend, precision, got: torch.Tensor, want: torch.Tensor) -
     return Row(stage, backend, precision, *error_of(got, want), NETWORK_BOUND[precision])
 
 
-def reference_image(model_dir, prompt: str, seed: int, height: int, width: int, steps: int = 9, device="cpu"):
-    """diffusers' ZImagePipeline in float32, as 8-bit HxWx3 (noise drawn on the CPU, as the runtime's default)."""
+def reference_images(model_dir, prompt: str, seed: int, sizes, steps: int = 9, device="cpu") -> dict:
+    """{(width, height): diffusers' ZImagePipeline image in float32, as 8-bit HxWx3} (noise drawn on the CPU, as
+    the runtime's default), one pipeline load for all sizes."""
     from zimage_trt.export.checkpoint import load_pipeline
 
     pipe = load_pipeline(model_dir, torch.float32, device)
     pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator("cpu").manual_seed(seed)
-    image = pipe(
-        prompt,
-        height=height,
-        width=width,
-        num_inference_steps=steps,
-        guidance_scale=0.0,
-        generator=generator,
-        output_type="np",
-    ).images[0]
-    return (image * 255).round().astype(np.uint8)
+    images = {}
+    for width, height in sizes:
+        image = pipe(
+            prompt,
+            height=height,
+            width=width,
+            num_inference_steps=steps,
+            guidance_scale=0.0,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="np",
+        ).images[0]
+        images[(width, height)] = (image * 255).round().astype(np.uint8)
+    del pipe
+    return images
 
 
-def run_parity(model_dir, bundle, sessions: dict, backend: str, prompt: str, seed: int, device="cpu") -> list[Row]:
-    """Rows for each network of `sessions` and for the end-to-end image.
+def run_parity(
+    model_dir, bundle, sessions: dict, backend: str, prompt: str, seed: int, device="cpu", sizes=None
+) -> list[Row]:
+    """Rows for each network of `sessions` and for the end-to-end image, at each (width, height) of `sizes`
+    (default: the bundle's opt size).
 
     The float32 references run on the same device as the sessions (a GPU makes full size practical); they are
     freed before diffusers' pipeline is loaded for the image, so at most one float32 copy is resident.
@@ -97,59 +104,70 @@ def run_parity(model_dir, bundle, sessions: dict, backend: str, prompt: str, see
     from zimage_trt.export.onnx_export import strict_fp32
 
     device = torch.device(device)
+    sizes = list(sizes or [bundle.sizes.opt])
     with strict_fp32():
-        return _run_parity(model_dir, bundle, sessions, backend, prompt, seed, device)
+        return _run_parity(model_dir, bundle, sessions, backend, prompt, seed, device, sizes)
 
 
-def _run_parity(model_dir, bundle, sessions, backend, prompt, seed, device) -> list[Row]:
+def _run_parity(model_dir, bundle, sessions, backend, prompt, seed, device, sizes) -> list[Row]:
     from zimage_trt.export.reference import reference_modules
     from zimage_trt.runtime.pipeline import ZImageRuntime
+    from zimage_trt.runtime.sizes import format_size
     from zimage_trt.runtime.torch_session import TorchSession
 
-    refs = reference_modules(model_dir, bundle.height, bundle.width, torch.float32, device)
+    refs = reference_modules(model_dir, torch.float32, device)
     ref_rt = ZImageRuntime(bundle, {n: TorchSession(n, m, device) for n, m in refs.items()}, device)
+    ours_rt = ZImageRuntime(bundle, sessions, device)
+    for size in sizes:  # every size is checked before any work: one line for a size nobody covers
+        ours_rt.check_size(*size)
     prec = {n: s.precision for n, s in sessions.items()}
+    label = (lambda size: f" {format_size(*size)}") if len(sizes) > 1 or not bundle.sizes.is_single else (lambda s: "")
     rows = []
 
     # Inputs captured from the reference run: real ids, features and latents rather than noise.
     ids = ref_rt.tokenize(prompt)
     lpad = ref_rt.encode_prompt(ids)
-    ref_rt.init_latents(seed)
-    first_latents = ref_rt.latents.clone()
-    ref_rt.denoise(lpad)
-    last_latents = ref_rt.latents.clone()
     caption = ref_rt.caption[:, :lpad].clone()
-
     n = len(ids)
     feats = torch.empty(1, n, bundle.caption_dim, device=device)
     sessions["text_encoder"].run({"input_ids": ref_rt.ids[:, :n].contiguous()}, {"features": feats})
     rows.append(_compare("text_encoder", backend, prec["text_encoder"], feats, caption[:, :n]))
 
-    dit_in = {
-        "latents": first_latents,
-        "timestep": ref_rt.plan().t_rows[0].clone(),
-        "cap_feats": caption,
-        "cap_len": torch.tensor([n], device=device),
-    }
-    got = torch.empty(bundle.latent_shape, device=device)
-    sessions["transformer"].run(dit_in, {"velocity": got})
-    with torch.no_grad():
-        want = refs["transformer"](*(dit_in[k] for k in refs["transformer"].input_names))
-    rows.append(_compare("transformer", backend, prec["transformer"], got, want))
+    for size in sizes:
+        ref_rt.use_size(*size)
+        ref_rt.init_latents(seed)
+        first_latents = ref_rt.latents.clone()
+        ref_rt.denoise(lpad)
+        last_latents = ref_rt.latents.clone()
+        dit_in = {
+            "latents": first_latents,
+            "timestep": ref_rt.plan().t_rows[0].clone(),
+            "cap_feats": caption,
+            "cap_len": torch.tensor([n], device=device),
+        }
+        got = torch.empty_like(first_latents)
+        sessions["transformer"].run(dit_in, {"velocity": got})
+        with torch.no_grad():
+            want = refs["transformer"](*(dit_in[k] for k in refs["transformer"].input_names))
+        rows.append(_compare("transformer" + label(size), backend, prec["transformer"], got, want))
 
-    image = torch.empty(1, 3, bundle.height, bundle.width, device=device)
-    sessions["vae_decoder"].run({"latents": last_latents}, {"image": image})
-    with torch.no_grad():
-        want = refs["vae_decoder"](last_latents)
-    rows.append(_compare("vae_decoder", backend, prec["vae_decoder"], image, want))
+        width, height = size
+        image = torch.empty(1, 3, height, width, device=device)
+        sessions["vae_decoder"].run({"latents": last_latents}, {"image": image})
+        with torch.no_grad():
+            want = refs["vae_decoder"](last_latents)
+        rows.append(_compare("vae_decoder" + label(size), backend, prec["vae_decoder"], image, want))
     del refs, ref_rt, want
     release_memory(device)
 
-    ours = ZImageRuntime(bundle, sessions, device).generate(prompt, seed)
+    ours = {size: ours_rt.generate(prompt, seed, size=size) for size in sizes}
     steps = bundle.scheduler["default_steps"]
-    theirs = reference_image(model_dir, prompt, seed, bundle.height, bundle.width, steps, device)
+    theirs = reference_images(model_dir, prompt, seed, sizes, steps, device)
     release_memory(device)
     worst = min(prec.values(), key=IMAGE_BOUND_DB.get)  # the image is held to its least precise network
-    diff = float(np.abs(ours.astype(np.int32) - theirs.astype(np.int32)).max())
-    rows.append(Row(f"image ({steps} steps)", backend, worst, diff, diff / 255, IMAGE_BOUND_DB[worst], psnr(ours, theirs)))
+    for size in sizes:
+        a, b = ours[size], theirs[size]
+        diff = float(np.abs(a.astype(np.int32) - b.astype(np.int32)).max())
+        stage = f"image{label(size)} ({steps} steps)"
+        rows.append(Row(stage, backend, worst, diff, diff / 255, IMAGE_BOUND_DB[worst], psnr(a, b)))
     return rows

@@ -1,7 +1,7 @@
 """`zimage-trt serve`: an OpenAI-compatible image API around the runtime.
 
     POST /v1/images/generations   {"prompt", "n", "size", "response_format": "b64_json", "seed", "num_inference_steps"}
-    GET  /health                  200 once the engines are loaded and warmed, 503 before and while draining
+    GET  /health                  200 once the engines are loaded and warmed (with the sizes served), 503 before
     GET  /metrics                 Prometheus: request latency, per-stage latency, queue depth, rejections
 
 One process owns the GPU: requests are validated in the event loop (a bad one never reaches the GPU), then wait
@@ -62,6 +62,7 @@ class Job:
     prompt: str
     seeds: list[int]
     steps: int
+    size: tuple[int, int]  # (width, height)
     deadline: float
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
@@ -108,7 +109,7 @@ class ImageService:
         device = resolve_device(o.device)
         sessions = open_sessions(o.backend, self.bundle, device, model_dir=o.model, engines=o.engines, torch_dtype=o.torch_dtype)
         self.runtime = ZImageRuntime(self.bundle, sessions, device)
-        self.size = f"{self.bundle.width}x{self.bundle.height}"
+        self.sizes = self.runtime.sizes  # the bundle's range, narrowed to what the engines cover
         if o.warmup:
             start = time.monotonic()
             self.runtime.generate("warm-up", 0)
@@ -156,6 +157,7 @@ class ImageService:
         rt = self.runtime
         marks = {}
         begin = clock.start()
+        rt.use_size(*job.size)
         lpad = rt.encode_prompt(rt.tokenize(job.prompt))
         marks["text_encoder"] = clock.stop(begin)
         rt.init_latents(seed)
@@ -182,10 +184,7 @@ class ImageService:
         n = body.get("n", 1)
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.opts.max_n:
             raise ApiError(400, f"'n' must be an integer from 1 to {self.opts.max_n}", "n", "invalid_n")
-        size = body.get("size", "auto")
-        if size not in ("auto", self.size):
-            raise ApiError(400, f"size {size!r} is not served here; supported sizes: {self.size} (engines are built per resolution)",
-                           "size", "unsupported_size")
+        size = self.parse_size(body.get("size", "auto"))
         fmt = body.get("response_format", "b64_json")
         if fmt != "b64_json":
             raise ApiError(400, f"response_format {fmt!r} is not supported; use 'b64_json'", "response_format",
@@ -204,17 +203,46 @@ class ImageService:
         return {
             "prompt": prompt,
             "n": n,
+            "size": size,
             "steps": steps,
             "seed": seed,
             "prompt_tokens": min(n_tokens, limit),
             "prompt_truncated": n_tokens > limit,
         }
 
+    def parse_size(self, size) -> tuple[int, int]:
+        """'auto' (the opt size) or 'WIDTHxHEIGHT' within the served range; a 400 that states the range."""
+        from zimage_trt.runtime.sizes import SIDE_MULTIPLE, parse_size
+
+        served = self.sizes.describe()
+        if size is None or size == "auto":
+            return self.sizes.opt
+        try:
+            width, height = parse_size(size) if isinstance(size, str) else (None, None)
+        except UserError:
+            width = None
+        if width is None:
+            raise ApiError(400, f"'size' must be 'auto' or 'WIDTHxHEIGHT' such as '1024x1024'; served: {served}",
+                           "size", "invalid_size")
+        if width % SIDE_MULTIPLE or height % SIDE_MULTIPLE:
+            raise ApiError(400, f"size {size!r}: width and height must be multiples of {SIDE_MULTIPLE}; served: "
+                           f"{served}", "size", "unsupported_size")
+        if not self.sizes.covers(width, height):
+            raise ApiError(400, f"size {size!r} is outside the served range: {served}", "size", "unsupported_size")
+        return width, height
+
+    def sizes_info(self) -> dict:
+        from zimage_trt.runtime.sizes import SIDE_MULTIPLE, format_size
+
+        r = self.sizes
+        return {"min": format_size(r.min_width, r.min_height), "max": format_size(*r.largest),
+                "opt": format_size(*r.opt), "multiple": SIDE_MULTIPLE, "text": r.describe()}
+
     def submit(self, req: dict, loop) -> Job:
         if self.draining or not self.ready:
             raise ApiError(503, "the server is not ready" if not self.draining else "the server is shutting down",
                            code="unavailable", kind="server_error")
-        job = Job(req["prompt"], [req["seed"] + i for i in range(req["n"])], req["steps"],
+        job = Job(req["prompt"], [req["seed"] + i for i in range(req["n"])], req["steps"], req["size"],
                   time.monotonic() + self.opts.timeout_s, loop, loop.create_future())
         try:
             self.queue.put_nowait(job)
@@ -304,7 +332,7 @@ def create_app(opts: ServeOptions):
             "created": int(time.time()),
             "data": data,
             "seed": req["seed"],
-            "size": service.size,
+            "size": f"{req['size'][0]}x{req['size'][1]}",
             "num_inference_steps": req["steps"],
             "prompt_tokens": req["prompt_tokens"],
             "prompt_truncated": req["prompt_truncated"],
@@ -314,7 +342,10 @@ def create_app(opts: ServeOptions):
     @app.get("/health")
     async def health():
         if service.ready:
-            return {"status": "ready", "backend": opts.backend, "size": service.size, "queue_depth": service.queue.qsize()}
+            info = service.sizes_info()
+            # "size": the default (opt) size, for clients that send "auto"; "sizes": everything served
+            return {"status": "ready", "backend": opts.backend, "size": info["opt"], "sizes": info,
+                    "queue_depth": service.queue.qsize()}
         status = "draining" if service.draining else "loading"
         return JSONResponse({"status": status}, status_code=503)
 

@@ -53,7 +53,7 @@ def open_sessions(
         from zimage_trt.runtime.torch_session import TorchSession
 
         scales = bundle.network("transformer").get("fp16_scales")
-        mods = reference_modules(model_dir, bundle.height, bundle.width, TORCH_DTYPES[torch_dtype], device, scales)
+        mods = reference_modules(model_dir, TORCH_DTYPES[torch_dtype], device, scales)
         precision = {n: torch_dtype for n in mods}
         if torch_dtype == "fp16":
             precision["vae_decoder"] = "bf16"
