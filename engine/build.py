@@ -185,12 +185,18 @@ def _io_and_profile(flavour: Flavour, builder, network, io_spec: dict, ranges: d
     return io, (profile if dynamic else None)
 
 
-def _allow_unfused_attention(flavour: Flavour, network) -> int:
-    """Let FP32 attention fall back to unfused kernels; returns how many attention ops there are.
+MAX_FUSED_HEAD_DIM = 256  # the largest head size TensorRT's fused attention kernels take
 
-    The fused attention kernels are FP16/BF16 (and FP8): an FP32 graph's attention has no dedicated kernel, and
-    the builder refuses it unless it is marked decomposable. FP32 engines are for parity checks, not speed; an
-    FP16/BF16 graph is never decomposed, so a missing fused kernel fails the build instead of running slowly.
+
+def _allow_unfused_attention(flavour: Flavour, network, fp32: bool) -> int:
+    """Let attention that has no fused kernel fall back to unfused ones; returns how many were marked.
+
+    The fused attention kernels are FP16/BF16 (and FP8) with head sizes up to 256. An FP32 graph's attention and
+    the Flux VAE's single-head attention (head size 512) have no dedicated kernel, and the builder refuses them
+    unless they are marked decomposable (a one-size VAE engine can still find one; a size range cannot). FP32
+    engines are for parity checks, not speed, and the VAE's one attention is a small part of its time; the
+    transformer's FP16/BF16 attention (head size 128) is never decomposed, so a missing fused kernel there fails
+    the build instead of running slowly.
     """
     trt = flavour.trt
     kind = getattr(trt.LayerType, "ATTENTION_INPUT", None)
@@ -199,8 +205,10 @@ def _allow_unfused_attention(flavour: Flavour, network) -> int:
         layer = network.get_layer(i)
         if kind is not None and layer.type == kind:
             layer.__class__ = trt.IAttentionInputLayer  # the Python API's documented downcast
-            layer.attention.decomposable = True
-            count += 1
+            head_dim = layer.attention.get_input(0).shape[-1]
+            if fp32 or head_dim > MAX_FUSED_HEAD_DIM:
+                layer.attention.decomposable = True
+                count += 1
     return count
 
 
@@ -285,8 +293,7 @@ class _Builder:
         bar.set_description(f"{name}: parsing")
         network, _parser = _parse(self.flavour, self.builder, self.logger, self.bundle.onnx_path(name))
         config, flags = self._config(bar)
-        if net_info["precision"] == "fp32":
-            flags["fp32_attention_unfused"] = _allow_unfused_attention(self.flavour, network)
+        flags["attention_unfused"] = _allow_unfused_attention(self.flavour, network, net_info["precision"] == "fp32")
         io, profile = _io_and_profile(
             self.flavour, self.builder, network, net_info, profile_ranges(self.bundle, self.opts.opt_tokens, self.image)
         )

@@ -156,6 +156,33 @@ def check_matches(meta: dict | None, engine: Path, network_name: str, network: d
         )
 
 
+def image_sizes(meta: dict):
+    """The SizeRange an engine's profile covers, or None for an engine that takes no image (or predates it)."""
+    from zimage_trt.runtime.sizes import SizeRange
+
+    sizes = meta.get("image_sizes")
+    return SizeRange.from_dict(sizes) if sizes else None
+
+
+def size_rebuild_command(meta: dict, fix: str, width: int | None = None, height: int | None = None) -> str:
+    """The build command whose engines cover this engine's profile corners and, if given, width x height."""
+    r = image_sizes(meta)
+    if r is None:
+        return fix
+    sizes = [(r.min_width, r.min_height), r.opt, r.largest] + ([(width, height)] if width else [])
+    return f"{fix} --sizes {','.join(f'{w}x{h}' for w, h in dict.fromkeys(sizes))}"
+
+
+def check_size(meta: dict, network_name: str, width: int, height: int, fix: str) -> None:
+    """Refuse a size the engine's optimization profile does not cover: the size, the profile, the build command."""
+    r = image_sizes(meta)
+    if r is not None and not r.covers(width, height):
+        raise UserError(
+            f"size {width}x{height} is outside the {network_name} engine's profile ({r.describe()}); build engines "
+            f"that cover it: {size_rebuild_command(meta, fix, width, height)}"
+        )
+
+
 def check_gpu(meta: dict, network_name: str, gpu: dict | None, fix: str) -> None:
     """The engine was built for this GPU: the same GPU type (TensorRT) or a targeted compute capability (RTX).
 

@@ -24,7 +24,7 @@ from zimage_trt.errors import UserError
 
 from .bundle import Bundle
 from .scheduler import Schedule, flow_match_schedule
-from .sizes import SizeRange, format_size
+from .sizes import SizeRange
 from .tokenizer import PromptTokenizer
 
 MAX_CUDA_GRAPHS = 16  # e.g. every padded caption length (512 / 32) at one size, or 4 lengths at 4 sizes
@@ -98,12 +98,8 @@ class ZImageRuntime:
             "export a bundle that covers it: zimage-trt export --model MODEL --out BUNDLE --size-range MIN:MAX",
         )
         for s in self.sessions.values():
-            profile = getattr(s, "image_sizes", None)
-            if profile is not None and not profile.covers(width, height):
-                raise UserError(
-                    f"size {format_size(width, height)} is outside the {s.name} engine's profile "
-                    f"({profile.describe()}); build engines that cover it: {s.rebuild_hint(width, height)}"
-                )
+            if getattr(s, "image_sizes", None) is not None:
+                s.check_size(width, height)  # an engine refuses what its profile does not cover
 
     def _allocate(self) -> None:
         """Every buffer once, at the largest size served; `use_size` points the size-dependent ones at views."""

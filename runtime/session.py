@@ -5,6 +5,10 @@ output tensors in place; it allocates nothing the caller must keep and, on a GPU
 current CUDA stream (no host sync), so a loop of runs can be recorded in a CUDA graph when `capturable` is
 true. Tensors are torch tensors on the session's device; I/O dtypes are float32 and int64 (ids, lengths)
 whatever the network's internal precision.
+
+Engines add what only they have (TrtSession): `image_sizes`, the SizeRange their optimization profile covers,
+with `check_size(width, height)` and `rebuild_hint()` for the one-line refusal of a size outside it; and
+`release_shapes(shapes)`, called by the runtime when no recorded CUDA graph uses those input shapes any more.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ from zimage_trt.engine.trt_api import RTX_UNSUPPORTED_CC, gpu_info, load_flavour
 from zimage_trt.errors import UserError
 
 from .bundle import NETWORKS, Bundle
-from .sizes import SizeRange
 
 
 class TrtSession:
@@ -40,9 +39,8 @@ class TrtSession:
         eager = recorded
         trt = flavour.trt
         self.name, self.device, self.flavour, self.precision = name, device, flavour, meta["precision"]
-        sizes = meta.get("image_sizes")
-        self.image_sizes = SizeRange.from_dict(sizes) if sizes else None  # what the profile covers
-        self._fix = fix
+        self.meta, self.fix = meta, fix
+        self.image_sizes = sidecar.image_sizes(meta)  # what the profile covers (None: no image input)
         self.engine = runtime.deserialize_cuda_engine(engine_file.read_bytes())
         if self.engine is None:
             raise UserError(f"{engine_file} could not be deserialized by {flavour.name} {flavour.version}; rebuild it")
@@ -105,13 +103,11 @@ class TrtSession:
         self.contexts.pop(key, None)
         self.shapes.pop(key, None)
 
-    def rebuild_hint(self, width: int | None = None, height: int | None = None) -> str:
-        """The build command whose engines cover this profile's corners and, if given, width x height."""
-        if self.image_sizes is None:
-            return self._fix
-        r = self.image_sizes
-        sizes = [(r.min_width, r.min_height), r.opt, r.largest] + ([(width, height)] if width else [])
-        return f"{self._fix} --sizes {','.join(f'{w}x{h}' for w, h in dict.fromkeys(sizes))}"
+    def check_size(self, width: int, height: int) -> None:
+        sidecar.check_size(self.meta, self.name, width, height, self.fix)
+
+    def rebuild_hint(self) -> str:
+        return sidecar.size_rebuild_command(self.meta, self.fix)
 
     @property
     def device_memory_size(self) -> int:

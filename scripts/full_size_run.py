@@ -1,17 +1,20 @@
 #!/usr/bin/env python3
 """Full-size Z-Image-Turbo on one GPU machine, every stage of the project at scale, in one run.
 
-    GPU tests        the CUDA-graph loop equals the eager loop (tests/test_engines_gpu.py, tiny model)
-    make model       the real architecture with random weights (zimage-trt make-tiny --size full)
-    export           zimage-trt export at 1024x1024 (fp16 DiT and text encoder, bf16 VAE), checked on the GPU
+    gpu-tests        the CUDA-graph loop equals the eager loop (tests/test_engines_gpu.py, tiny model)
+    make             the real architecture with random weights (zimage-trt make-tiny --size full)
+    export           zimage-trt export (fp16 DiT and text encoder, bf16 VAE), checked on the GPU; one size
+                     (--width/--height) or, with --size-range, every size in a range, checked at its corners
     bench            zimage-trt bench: diffusers' eager pipeline beside the runtime
-    build            zimage-trt build with TensorRT-RTX for an RTX target (sm89), if tensorrt_rtx is importable
+    build            zimage-trt build with TensorRT-RTX for an RTX target (sm89) over the bundle's whole range
+    build-one        the same for the opt size alone (--sizes), from the same ONNX: what the range costs
+    pass-bench       one eager transformer pass per image size, with its roofline floor (scripts/pass_bench.py)
 
 Each stage runs as its own process; its wall time, peak host memory (the child's max RSS) and peak GPU memory
 (sampled with NVML every 0.2 s) are recorded in WORK/results/stages.json as soon as it ends, so a run cut short
 keeps what it measured. The model folder is deleted before the build to leave disk for the engines.
 
-    python scripts/full_size_run.py --work /root/work
+    python scripts/full_size_run.py --work /root/work --size-range 512:2048 --skip bench
 """
 
 from __future__ import annotations
@@ -85,7 +88,12 @@ def run_stage(name: str, argv: list[str], log, env, cwd) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", required=True, help="folder for the model, bundle, engines and results")
-    ap.add_argument("--skip", default="", help="comma-separated stages to skip (gpu-tests,make,export,bench,build)")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated stages to skip (gpu-tests,pass-bench,make,export,bench,build,build-one)")
+    ap.add_argument("--size-range", help="export every size in MIN:MAX (default: one size, 1024x1024)")
+    ap.add_argument("--opt-size", default="1024x1024", help="the opt size of --size-range (default 1024x1024)")
+    ap.add_argument("--build-networks", default="text_encoder,transformer,vae_decoder",
+                    help="networks to build (the text encoder's engine does not depend on the image size)")
     ap.add_argument("--iters", default="5", help="timed generations per system in the bench (default 5)")
     ap.add_argument("--size", default="full", choices=("full", "tiny"), help="tiny: a quick dry run of the stages")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu for a dry run")
@@ -103,16 +111,25 @@ def main() -> int:
     shutil.rmtree(work / "tests", ignore_errors=True)
     shutil.copytree(repo / "tests", work / "tests")
 
+    sizes = (["--size-range", args.size_range, "--opt-size", args.opt_size] if args.size_range
+             else ["--height", "256", "--width", "256"] if args.size == "tiny" else [])
+    build = zt + ["build", "--bundle", str(bundle), "--backend", "tensorrt-rtx", "--target", "sm89",
+                  "--networks", args.build_networks]
     stages = [
         ("gpu-tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(work / "tests" / "test_engines_gpu.py")]),
         ("make", zt + ["make-tiny", str(model), "--size", args.size, "--device", args.device]),
         ("export", zt + ["export", "--model", str(model), "--out", str(bundle), "--device", args.device, "--force"]
-                   + (["--height", "256", "--width", "256", "--vae-precision", "fp32"] if args.size == "tiny" else [])),
+                   + sizes + (["--vae-precision", "fp32"] if args.size == "tiny" else [])),
         ("bench", zt + ["bench", "--model", str(model), "--bundle", str(bundle), "--device", args.device,
                         "--iters", args.iters, "--json", str(results / "bench.json")]),
-        ("build", zt + ["build", "--bundle", str(bundle), "--out", str(engines), "--backend", "tensorrt-rtx",
-                        "--target", "sm89"]),
+        ("build", build + ["--out", str(engines)]),
+        ("build-one", build + ["--out", str(work / "engines-one"), "--sizes", args.opt_size]),
+        # last: needs no model, and the GPU is otherwise idle by then
+        ("pass-bench", [sys.executable, str(repo / "scripts" / "pass_bench.py"), "--size", args.size]
+                       + (["--sizes", "128x128,256x256,256x128"] if args.size == "tiny" else [])),
     ]
+    if not args.size_range:
+        stages = [s for s in stages if s[0] != "build-one"]
     records = []
     with open(work / "run.log", "a") as log:
         for name, argv in stages:
@@ -120,7 +137,7 @@ def main() -> int:
                 continue
             if name == "make" and model.exists():
                 shutil.rmtree(model)
-            if name == "build":
+            if name.startswith("build"):
                 try:
                     import tensorrt_rtx  # noqa: F401
                 except ImportError as exc:
@@ -135,6 +152,8 @@ def main() -> int:
     for f in [bundle / "manifest.json", *sorted(engines.glob("*.engine.json"))]:
         if f.exists():
             shutil.copy(f, results / f.name)
+    for f in sorted((work / "engines-one").glob("*.engine.json")):
+        shutil.copy(f, results / f"one-size.{f.name}")
     (results / "stages.json").write_text(json.dumps(records, indent=2) + "\n")
     (work / "done").write_text("done\n")
     return 0 if all(r.get("exit_code", 0) == 0 for r in records) else 1

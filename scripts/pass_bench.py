@@ -36,17 +36,19 @@ def main() -> None:
     from diffusers import ZImageTransformer2DModel
 
     from zimage_trt.bench import matmul_rate
-    from zimage_trt.export.configs import FULL, dit_flops_per_pass
+    from zimage_trt.export.configs import FULL, dit_flops_per_pass, tiny
     from zimage_trt.export.modules import DiffusersDiT, DiTForExport, padded_length
     from zimage_trt.runtime.sizes import latent_shape, parse_size
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--sizes", default="768x768,1024x1024,1536x1024,1536x1536,2048x2048")
+    ap.add_argument("--size", default="full", choices=("full", "tiny"), help="tiny: a quick dry run of the script")
     args = ap.parse_args()
     device = torch.device("cuda")
     rate, how = matmul_rate(device)
-    cfg = {k: v for k, v in FULL["transformer"].items() if not k.startswith("_")}
+    cfg = FULL["transformer"] if args.size == "full" else tiny(1000)["transformer"]
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
     with torch.device("cuda"):
         torch.manual_seed(0)
         dit = ZImageTransformer2DModel(**cfg).to(torch.bfloat16).eval()

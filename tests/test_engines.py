@@ -17,7 +17,10 @@ from zimage_trt.engine.build import BuildOptions, build_engines, check_host_memo
 from zimage_trt.engine.trt_api import load_flavour
 from zimage_trt.errors import UserError
 from zimage_trt.runtime.bundle import Bundle
+from zimage_trt.runtime.sizes import SizeRange
 from zimage_trt.runtime.trt_session import open_engine_sessions
+
+from .conftest import SIZE, SIZE_RANGE
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("tensorrt_rtx") is None,
@@ -58,6 +61,9 @@ def test_three_engines_are_built_with_sidecars(engines, fp16_bundle):
         engine = sidecar.engine_path(out, r.network)
         meta = sidecar.read_sidecar(engine)
         assert meta == r.meta | {"format": "zimage-trt-engine", "version": 1}
+        # The sidecar records the image sizes the profile covers (the text encoder takes no image).
+        want = None if r.network == "text_encoder" else SizeRange.square_range(SIZE_RANGE, (SIZE, SIZE)).to_dict()
+        assert meta["image_sizes"] == want
         assert meta["onnx_sha256"] == bundle.network(r.network)["sha256"]
         assert meta["precision"] == bundle.network(r.network)["precision"]
         assert meta["backend"] == "tensorrt-rtx" and meta["backend_version"] == flavour.version
@@ -79,7 +85,13 @@ def test_sidecar_io_matches_the_bundle_graphs(engines, fp16_bundle):
     c = bundle.caption_dim
     assert dit["cap_feats"]["shape"] == [1, -1, c]
     assert dit["cap_feats"]["profile"] == {"min": [1, 32, c], "opt": [1, 128, c], "max": [1, 512, c]}
-    assert "profile" not in dit["latents"] and dit["latents"]["shape"] == list(bundle.latent_shape)
+    # The bundle covers SIZE_RANGE: the latents' height and width are dynamic over it, tuned at the opt size.
+    lo, hi = (int(v) // 8 for v in SIZE_RANGE.split(":"))
+    opt = SIZE // 8
+    want = {"min": [1, 16, lo, lo], "opt": [1, 16, opt, opt], "max": [1, 16, hi, hi]}
+    vae = {i["name"]: i for i in sidecar.read_sidecar(sidecar.engine_path(out, "vae_decoder"))["io"]}
+    assert dit["latents"]["shape"] == vae["latents"]["shape"] == [1, 16, -1, -1]
+    assert dit["latents"]["profile"] == vae["latents"]["profile"] == want
     assert dit["cap_len"]["dtype"] == "int64" and dit["velocity"]["dtype"] == "float32"
     te = {i["name"]: i for i in sidecar.read_sidecar(sidecar.engine_path(out, "text_encoder"))["io"]}
     assert te["input_ids"]["profile"] == {"min": [1, 1], "opt": [1, 128], "max": [1, 512]}
@@ -220,3 +232,50 @@ def test_cli_build_prints_a_table(capsys, engines, fp16_bundle):
                  "--target", ",".join(TARGETS)]) == 0
     out = capsys.readouterr().out
     assert "transformer   current" in out and "sidecar" in out
+
+
+# ---------------------------------------------------------------- image sizes: static engines, --sizes, refusals
+def test_a_one_size_bundle_keeps_a_static_engine(fp32_bundle, tmp_path):
+    out = tmp_path / "static"
+    (r,) = build_engines(fp32_bundle, out, BuildOptions(backend="tensorrt-rtx", targets=["sm89"],
+                                                         networks=("transformer",)))
+    latents = next(i for i in r.meta["io"] if i["name"] == "latents")
+    assert "profile" not in latents and latents["shape"] == [1, 16, SIZE // 8, SIZE // 8]
+    assert r.meta["image_sizes"] == SizeRange.single(SIZE, SIZE).to_dict()
+    with pytest.raises(UserError, match="is for one size .*--sizes needs a bundle exported with --size-range"):
+        build_engines(fp32_bundle, out, BuildOptions(backend="tensorrt-rtx", targets=["sm89"], sizes=[(64, 64)]))
+
+
+def test_sizes_narrow_the_profile_and_make_only_image_engines_stale(engines, fp16_bundle, tmp_path):
+    out = copy_tree(engines[0], tmp_path / "engines")
+    opts = BuildOptions(backend="tensorrt-rtx", targets=TARGETS, sizes=[(96, 128), (144, 80)])
+    results = {r.network: r for r in build_engines(fp16_bundle, out, opts)}
+    assert results["text_encoder"].status == "current"  # the same engine for any size
+    for name in ("transformer", "vae_decoder"):
+        r = results[name]
+        assert r.status == "built" and "built for sizes width 64..160" in r.reason
+        # The box around the sizes, tuned at the bundle's opt size, which lies inside it.
+        assert SizeRange.from_dict(r.meta["image_sizes"]) == SizeRange(80, 128, 96, 144, 128, 128)
+        latents = next(i for i in r.meta["io"] if i["name"] == "latents")
+        assert latents["profile"] == {"min": [1, 16, 10, 12], "opt": [1, 16, 16, 16], "max": [1, 16, 16, 18]}
+    with pytest.raises(UserError, match=r"size 176x176 is outside bundle .*export a bundle with a --size-range"):
+        build_engines(fp16_bundle, out, BuildOptions(backend="tensorrt-rtx", targets=TARGETS, sizes=[(176, 176)]))
+
+
+def test_a_size_outside_the_engine_profile_is_refused_with_the_build_command(engines, fp16_bundle, tmp_path):
+    out = copy_tree(engines[0], tmp_path / "engines")
+    narrow = BuildOptions(backend="tensorrt-rtx", targets=TARGETS, sizes=[(128, 128)], networks=("transformer",))
+    build_engines(fp16_bundle, out, narrow)
+    meta = sidecar.read_sidecar(sidecar.engine_path(out, "transformer"))
+    fix = sidecar.rebuild_command(fp16_bundle, out, "tensorrt-rtx")
+    sidecar.check_size(meta, "transformer", 128, 128, fix)  # covered: no error
+    with pytest.raises(UserError) as err:
+        sidecar.check_size(meta, "transformer", 96, 128, fix)
+    message = str(err.value)
+    assert message.startswith("size 96x128 is outside the transformer engine's profile (128x128)")
+    assert message.endswith(f"zimage-trt build --bundle {fp16_bundle} --out {out} --backend tensorrt-rtx"
+                            " --sizes 128x128,96x128")
+    # The command it names covers the size: run it, and the new engine takes it.
+    build_engines(fp16_bundle, out, BuildOptions(backend="tensorrt-rtx", targets=TARGETS, sizes=[(128, 128), (96, 128)],
+                                                 networks=("transformer",)))
+    sidecar.check_size(sidecar.read_sidecar(sidecar.engine_path(out, "transformer")), "transformer", 96, 128, fix)

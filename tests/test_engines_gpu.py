@@ -85,3 +85,69 @@ def test_torch_loop_in_a_cuda_graph_equals_the_eager_loop(tiny_model, fp32_bundl
     bundle = Bundle.open(fp32_bundle)
     sessions = open_sessions("torch", bundle, torch.device("cuda"), model_dir=tiny_model)
     assert_graph_replays_the_eager_loop(bundle, sessions, [PROMPT, PROMPT])
+
+
+# ---------------------------------------------------------------- sizes and caption lengths in recorded graphs
+def _prompt_of_tokens(rt, n_tokens_min: int) -> str:
+    """A prompt whose chat-formatted ids pad to a caption length of at least n_tokens_min."""
+    words = "fox"
+    while len(rt.tokenize(words)) < n_tokens_min:
+        words += " fox"
+    return words
+
+
+def assert_replay_after_other_shapes_equals_eager(bundle, sessions) -> None:
+    """Capture A (32 caption tokens), capture B (64), replay A: A's image, bit for bit, as the eager loop gives it;
+    then the same across image sizes. One engine context per recorded shape makes this hold for TensorRT."""
+    dev = torch.device("cuda")
+    graph = ZImageRuntime(bundle, sessions, dev, cuda_graph=True)
+    eager = ZImageRuntime(bundle, sessions, dev, cuda_graph=False)
+    a = _prompt_of_tokens(graph, 20)
+    b = _prompt_of_tokens(graph, 40)
+    assert bundle.padded_caption_length(len(graph.tokenize(a))) == 32
+    assert bundle.padded_caption_length(len(graph.tokenize(b))) == 64
+    want = {}
+    sizes = [bundle.sizes.opt, (bundle.sizes.min_width, bundle.sizes.max_height)]
+    for size in sizes:
+        for prompt in (a, b):
+            eager.generate(prompt, 7, size=size)
+            want[(size, prompt)] = eager.latents.clone()
+    for size in sizes:
+        for prompt in (a, b, a):  # A is replayed after B was captured
+            graph.generate(prompt, 7, size=size)
+            assert torch.equal(graph.latents, want[(size, prompt)]), (size, prompt)
+    graph.generate(a, 7, size=sizes[0])  # the first size again, after the second size's graphs
+    assert torch.equal(graph.latents, want[(sizes[0], a)])
+    assert set(graph._graphs) == {(s, lp, 9) for s in sizes for lp in (32, 64)}
+
+
+def test_torch_graph_replay_after_other_shapes_equals_eager(tiny_model, fp32_range_bundle):
+    bundle = Bundle.open(fp32_range_bundle)
+    assert_replay_after_other_shapes_equals_eager(
+        bundle, open_sessions("torch", bundle, torch.device("cuda"), model_dir=tiny_model))
+
+
+@pytest.mark.tensorrt
+@needs_engines
+def test_engine_graph_replay_after_other_shapes_equals_eager(fp16_bundle, engines):
+    bundle = Bundle.open(fp16_bundle)
+    assert_replay_after_other_shapes_equals_eager(
+        bundle, open_sessions("tensorrt", bundle, torch.device("cuda"), engines=engines))
+
+
+def test_graph_cache_is_a_bounded_lru_whose_memory_does_not_grow(tiny_model, fp32_range_bundle):
+    bundle = Bundle.open(fp32_range_bundle)
+    dev = torch.device("cuda")
+    rt = ZImageRuntime(bundle, open_sessions("torch", bundle, dev, model_dir=tiny_model), dev, max_cuda_graphs=2)
+    largest = bundle.sizes.largest
+    rt.generate(PROMPT, 0, size=largest)
+    torch.cuda.synchronize()
+    after_one = torch.cuda.memory_reserved(dev)
+    sizes = [(64, 64), (96, 128), (128, 96), (144, 80), largest]
+    for size in sizes:
+        rt.generate(PROMPT, 0, size=size)
+    assert len(rt._graphs) == 2 and rt.graphs_evicted == len(sizes) - 1
+    assert [k[0] for k in rt._graphs] == [sizes[-2], sizes[-1]]  # the two most recent, oldest first
+    torch.cuda.synchronize()
+    # Every loop records into one shared pool, so six captures cost what the largest one costs.
+    assert torch.cuda.memory_reserved(dev) <= after_one * 1.1 + 2**21

@@ -24,7 +24,13 @@ def manifest(bundle):
 @pytest.mark.parametrize("bundle_name", ["fp32_bundle", "fp16_bundle"])
 def test_export_self_checks_are_recorded_and_within_bounds(request, bundle_name):
     m = manifest(request.getfixturevalue(bundle_name))
-    assert {c["name"] for c in m["checks"]} == {"text_encoder", "transformer", "vae_decoder"}
+    if m["image_sizes"]["dynamic"]:  # a size range: each image graph is checked at its corners and opt size
+        (lo, opt, hi), _ = m["image_sizes"]["height"], m["image_sizes"]["width"]
+        at = [f"{s}x{s}" for s in (lo, opt, hi)]
+        want = {"text_encoder"} | {f"{n}@{a}" for n in ("transformer", "vae_decoder") for a in at}
+    else:
+        want = {"text_encoder", "transformer", "vae_decoder"}
+    assert {c["name"] for c in m["checks"]} == want
     for c in m["checks"]:
         assert not c["skipped"]
         assert c["rel"] <= TOLERANCE[c["precision"]], c

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import PROMPT, SIZE
+from .conftest import PROMPT, SIZE, SIZE_RANGE
 from .serving import loadtest, running_server
 
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn, prometheus-client) is not installed")
@@ -89,8 +89,9 @@ def test_a_prompt_over_512_tokens_is_truncated_as_the_reference_does(server):
         ({"prompt": "x", "n": 0}, "n", "from 1 to 4"),
         ({"prompt": "x", "n": 5}, "n", "from 1 to 4"),
         ({"prompt": "x", "n": "2"}, "n", "integer"),
-        ({"prompt": "x", "size": "1024x1024"}, "size", f"supported sizes: {SIZE}x{SIZE}"),
-        ({"prompt": "x", "size": "big"}, "size", "supported sizes"),
+        ({"prompt": "x", "size": "1024x1024"}, "size", f"outside the served range: {SIZE}x{SIZE}"),
+        ({"prompt": "x", "size": "big"}, "size", f"'WIDTHxHEIGHT' such as '1024x1024'; served: {SIZE}x{SIZE}"),
+        ({"prompt": "x", "size": 128}, "size", "'WIDTHxHEIGHT'"),
         ({"prompt": "x", "response_format": "url"}, "response_format", "use 'b64_json'"),
         ({"prompt": "x", "seed": -1}, "seed", "non-negative"),
         ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps", "from 1 to 50"),
@@ -207,3 +208,66 @@ def test_load_test_refuses_other_hosts():
     out = subprocess.run([sys.executable, str(Path(loadtest.__file__)), "--url", "http://10.1.2.3:8000"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "only loopback" in out.stderr
+
+
+# ------------------------------------------------------------------------------------------ sizes from a range
+@pytest.fixture(scope="module")
+def range_server(fp32_range_bundle):
+    with running_server(fp32_range_bundle, "--queue-size", "2") as s:
+        yield s
+
+
+def test_health_reports_the_served_range(range_server):
+    import json
+
+    status, _, body = range_server.get("/health")
+    info = json.loads(body)
+    lo, hi = SIZE_RANGE.split(":")
+    assert status == 200 and info["size"] == f"{SIZE}x{SIZE}"
+    assert info["sizes"]["min"] == f"{lo}x{lo}" and info["sizes"]["max"] == f"{hi}x{hi}"
+    assert info["sizes"]["opt"] == f"{SIZE}x{SIZE}" and info["sizes"]["multiple"] == 16
+
+
+@pytest.mark.parametrize("size", ["96x128", "128x96", "64x64", "160x160", "auto"])
+def test_any_size_in_the_range_is_the_runtimes_image_at_that_size(range_server, fp32_range_bundle, size):
+    import torch
+
+    from zimage_trt.runtime.bundle import Bundle
+    from zimage_trt.runtime.pipeline import ZImageRuntime
+    from zimage_trt.runtime.sizes import parse_size
+    from zimage_trt.sessions import open_sessions
+
+    status, _, body = range_server.post({"prompt": PROMPT, "size": size, "seed": 3})
+    assert status == 200, body
+    width, height = (SIZE, SIZE) if size == "auto" else parse_size(size)
+    assert body["size"] == f"{width}x{height}"
+    image = decode(body["data"][0])
+    assert image.shape == (height, width, 3)
+    bundle = Bundle.open(fp32_range_bundle)
+    rt = ZImageRuntime(bundle, open_sessions("onnxruntime", bundle, torch.device("cpu")))
+    assert np.array_equal(image, rt.generate(PROMPT, 3, size=(width, height)))
+
+
+@pytest.mark.parametrize(
+    "size, needle",
+    [
+        ("176x128", "outside the served range"),
+        ("128x48", "outside the served range"),
+        ("2048x2048", "outside the served range"),
+        ("120x128", "multiples of 16"),
+        ("128x100", "multiples of 16"),
+        ("0x0", "outside the served range"),
+        ("-64x64", "'WIDTHxHEIGHT'"),
+        ("128 by 128", "'WIDTHxHEIGHT'"),
+        ("", "'WIDTHxHEIGHT'"),
+    ],
+)
+def test_a_size_outside_the_range_is_a_400_that_states_the_range(range_server, size, needle):
+    before = range_server.metric("zimage_images_total")
+    status, _, answer = range_server.post({"prompt": "x", "size": size})
+    assert status == 400, answer
+    error = answer["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == "size"
+    lo, hi = SIZE_RANGE.split(":")
+    assert needle in error["message"] and f"width {lo}..{hi}, height {lo}..{hi}" in error["message"]
+    assert range_server.metric("zimage_images_total") == before

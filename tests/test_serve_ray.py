@@ -13,7 +13,7 @@ ray = pytest.importorskip("ray", reason="ray[serve] is not installed (CI install
 
 
 @pytest.fixture(scope="module")
-def ray_app(fp32_bundle):
+def ray_app(fp32_range_bundle):
     from ray import serve
 
     from zimage_trt.ray_serve import deployment
@@ -23,7 +23,7 @@ def ray_app(fp32_bundle):
     port = loadtest.free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        opts = ServeOptions(bundle=str(fp32_bundle), device="cpu", queue_size=2)
+        opts = ServeOptions(bundle=str(fp32_range_bundle), device="cpu", queue_size=2)
         serve.run(deployment(opts, replicas=2), name="zimage", route_prefix="/", blocking=False)
         client = loadtest.Client("127.0.0.1", port, timeout=120)
         loadtest.wait_ready(client, 180)
@@ -36,8 +36,12 @@ def ray_app(fp32_bundle):
 def test_two_replicas_serve_concurrent_requests(ray_app):
     results = []
 
+    sizes = [(128, 128), (96, 128), (128, 96), (160, 64)]
+
     def send(i):
-        results.append(ray_app.request("POST", "/v1/images/generations", {"prompt": f"a red fox {i}", "seed": i}))
+        w, h = sizes[i % len(sizes)]
+        body = {"prompt": f"a red fox {i}", "seed": i, "size": f"{w}x{h}"}
+        results.append((i, ray_app.request("POST", "/v1/images/generations", body)))
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(10)]
     for t in threads:
@@ -45,9 +49,9 @@ def test_two_replicas_serve_concurrent_requests(ray_app):
     for t in threads:
         t.join()
     assert len(results) == 10
-    for status, headers, body in results:
-        assert loadtest.classify(status, headers, body, (128, 128)) == "ok", (status, body[:200])
-    replicas = {headers["x-served-by"] for _, headers, _ in results}
+    for i, (status, headers, body) in results:
+        assert loadtest.classify(status, headers, body, sizes[i % len(sizes)]) == "ok", (status, body[:200])
+    replicas = {headers["x-served-by"] for _, (_, headers, _) in results}
     assert len(replicas) == 2  # both replicas took a share
 
 
@@ -56,6 +60,8 @@ def test_bad_input_through_ray_is_still_a_400(ray_app):
 
     status, _, body = ray_app.request("POST", "/v1/images/generations", {"prompt": ""})
     assert status == 400 and json.loads(body)["error"]["param"] == "prompt"
+    status, _, body = ray_app.request("POST", "/v1/images/generations", {"prompt": "x", "size": "2048x2048"})
+    assert status == 400 and "outside the served range: width 64..160" in json.loads(body)["error"]["message"]
 
 
 def test_autoscale_option_is_parsed():

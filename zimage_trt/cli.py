@@ -103,8 +103,8 @@ def cmd_export(args) -> None:
     from zimage_trt.export.onnx_export import CheckResult
 
     opts = ExportOptions(
-        height=args.height or 1024,
-        width=args.width or 1024,
+        height=1024 if args.height is None else args.height,
+        width=1024 if args.width is None else args.width,
         size_range=_export_sizes(args),
         precision=_precisions(args),
         opset=args.opset,
@@ -269,30 +269,37 @@ def cmd_demo(args) -> None:
     from zimage_trt.runtime.pipeline import ZImageRuntime, save_png
     from zimage_trt.sessions import open_sessions, resolve_device
 
+    from zimage_trt.runtime.sizes import SizeRange, format_size
+
     work = Path(args.workdir)
-    model, bundle_dir, png = work / "tiny-model", work / "tiny-bundle", work / "demo.png"
+    model, bundle_dir = work / "tiny-model", work / "tiny-bundle"
+    side = args.size
+    sizes = [(side, side), (side, side // 2)]  # the opt size and a wide one, from the same bundle
     start = time.perf_counter()
     print(f"[1/4] tiny model -> {model}")
     shutil.rmtree(model, ignore_errors=True)
     make_tiny(model, seed=args.seed)
-    print(f"[2/4] export ({args.size}x{args.size}, fp32) -> {bundle_dir}")
-    opts = ExportOptions(height=args.size, width=args.size, precision=dict.fromkeys(
-        ("text_encoder", "transformer", "vae_decoder"), "fp32"), force=True)
+    rng = SizeRange.square_range(f"{side // 2}:{side}", (side, side))
+    print(f"[2/4] export (every size in {rng.describe()}, fp32) -> {bundle_dir}")
+    opts = ExportOptions(size_range=rng, precision=dict.fromkeys(("text_encoder", "transformer", "vae_decoder"), "fp32"),
+                         force=True)
     export_bundle(model, bundle_dir, opts)
     bundle = Bundle.open(bundle_dir)
     device = resolve_device("cpu")
     sessions = open_sessions("onnxruntime", bundle, device)
-    print(f"[3/4] generate with onnxruntime -> {png}")
     rt = ZImageRuntime(bundle, sessions, device)
-    t0 = time.perf_counter()
-    save_png(rt.generate(args.prompt, args.seed), png)
-    print(f"      {rt.schedule.passes} transformer passes in {time.perf_counter() - t0:.2f} s")
-    print("[4/4] parity against eager PyTorch and diffusers' ZImagePipeline")
-    rows = run_parity(model, bundle, sessions, "onnxruntime", args.prompt, args.seed, device)
+    for size in sizes:
+        png = work / f"demo-{format_size(*size)}.png"
+        print(f"[3/4] generate {format_size(*size)} with onnxruntime -> {png}")
+        t0 = time.perf_counter()
+        save_png(rt.generate(args.prompt, args.seed, size=size), png)
+        print(f"      {rt.schedule.passes} transformer passes in {time.perf_counter() - t0:.2f} s")
+    print("[4/4] parity against eager PyTorch and diffusers' ZImagePipeline at both sizes")
+    rows = run_parity(model, bundle, sessions, "onnxruntime", args.prompt, args.seed, device, sizes)
     try:
         _report_parity(rows)
     finally:
-        print(f"demo finished in {time.perf_counter() - start:.0f} s; image: {png}")
+        print(f"demo finished in {time.perf_counter() - start:.0f} s; images in {work}")
 
 
 # ------------------------------------------------------------------------------------------ parser
@@ -439,7 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="tiny model -> export -> generate -> parity, on a CPU in about a minute")
     p.add_argument("--workdir", default="zimage-demo", help="folder for the model, bundle and image (default ./zimage-demo)")
-    p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    p.add_argument("--size", type=int, default=256,
+                   help="largest image side in pixels, a multiple of 32; the bundle covers half of it to all of it "
+                   "(default 256)")
     p.add_argument("--prompt", default="A photograph of a red fox sitting in fresh snow at sunrise")
     p.add_argument("--seed", type=int, default=42)
     p.set_defaults(func=cmd_demo)
