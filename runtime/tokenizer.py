@@ -44,5 +44,11 @@ class PromptTokenizer:
             raise UserError(f"the prompt must be a string, not {type(prompt).__name__}")
         if not prompt.strip():
             raise UserError("the prompt is empty")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate, e.g. "\ud800" sent as a JSON escape
+            raise UserError(
+                f"the prompt is not valid Unicode text: {exc.reason} at character {exc.start}"
+            ) from None
         ids = self.tokenizer.encode(self.chat_text(prompt)).ids
         return ids[: self.max_length] if truncate else ids

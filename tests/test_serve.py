@@ -271,3 +271,50 @@ def test_a_size_outside_the_range_is_a_400_that_states_the_range(range_server, s
     lo, hi = SIZE_RANGE.split(":")
     assert needle in error["message"] and f"width {lo}..{hi}, height {lo}..{hi}" in error["message"]
     assert range_server.metric("zimage_images_total") == before
+
+
+# ------------------------------------------------------------------------------------------ hostile bodies
+def _hostile_bodies() -> list[bytes]:
+    """A corpus of malformed and hostile request bodies: hand-picked ones, then seeded random mixes of the API's
+    fields with values of every JSON type."""
+    import json
+    import random
+
+    raw = [
+        b'{"prompt": "\\ud800"}', b'{"prompt": "a \\udfff b"}', b'{"prompt": "\\u0000"}', b'{"prompt": "x", "n": NaN}',
+        b'{"prompt": "x", "seed": Infinity}', b'{"prompt": "x", "n": 1e308}', b"null", b"1", b'"prompt"', b"[]",
+        b"{", b'{"prompt": "x"} trailing', b"\x00", b"\xc3\x28", b"[" * 100_000, b'{"a":' * 50_000,
+        b'{"prompt": "x", "size": "99999999999999999999x128"}', b'{"prompt": "x", "seed": 18446744073709551616}',
+        b'{"prompt": "x", "num_inference_steps": 1e10}', b'{"prompt": "x", "response_format": null}',
+        json.dumps({"prompt": "x" * 200_000}).encode(), json.dumps({"prompt": ["a"]}).encode(),
+        json.dumps({"prompt": {"$gt": ""}}).encode(), json.dumps({"prompt": "x", "n": True}).encode(),
+        json.dumps({"prompt": "x", "size": ["128", "128"]}).encode(), json.dumps({"prompt": "x", "seed": 1.5}).encode(),
+    ]
+    rng = random.Random(1234)
+    values = [None, True, False, 0, -1, 1, 3, 2**70, -2**70, 1.5, -0.0, "", " ", "auto", "128x128", "0x0", "x",
+              "\u202e\u200b", "🦊" * 3, [], [1, 2], {}, {"k": "v"}, "b64_json", "url"]
+    fields = ["prompt", "n", "size", "seed", "response_format", "num_inference_steps", "model", "user"]
+    while len(raw) < 80:
+        body = {f: rng.choice(values) for f in rng.sample(fields, rng.randint(0, len(fields)))}
+        if rng.random() < 0.5:
+            body["num_inference_steps"] = rng.choice([1, 2, 0, -5, "9"])  # keep the valid ones short
+        raw.append(json.dumps(body).encode())
+    return raw
+
+
+def test_hostile_bodies_get_a_2xx_or_a_4xx_in_the_error_shape_never_a_500(server):
+    import json
+
+    bodies = _hostile_bodies()
+    assert len(bodies) >= 50
+    statuses = []
+    for raw in bodies:
+        status, _, answer = server.post(None, raw=raw)
+        statuses.append(status)
+        assert 200 <= status < 300 or 400 <= status < 500, (raw[:80], status, answer)
+        if status >= 400:
+            assert isinstance(answer["error"]["message"], str) and answer["error"]["type"], (raw[:80], answer)
+    assert statuses.count(400) >= 40  # nearly all of them are refused
+    status, _, body = server.get("/health")
+    assert status == 200 and json.loads(body)["status"] == "ready"  # and the server is healthy after
+    assert server.metric("zimage_request_latency_seconds_count", status="500") == 0

@@ -198,7 +198,10 @@ class ImageService:
             seed = secrets.randbelow(2**31)
         elif not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED - self.opts.max_n:
             raise ApiError(400, "'seed' must be a non-negative integer", "seed", "invalid_seed")
-        n_tokens = len(self.runtime.tokenizer.encode(prompt, truncate=False))
+        try:
+            n_tokens = len(self.runtime.tokenizer.encode(prompt, truncate=False))
+        except UserError as exc:  # text the tokenizer cannot take is the client's mistake, never a 500
+            raise ApiError(400, str(exc), "prompt", "invalid_prompt") from None
         limit = self.runtime.tokenizer.max_length
         return {
             "prompt": prompt,
@@ -303,9 +306,9 @@ def create_app(opts: ServeOptions):
             raw = await request.body()
             try:
                 body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise ApiError(400, f"the request body is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})",
-                               code="invalid_json") from None
+            except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, or nesting too deep to parse
+                why = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+                raise ApiError(400, f"the request body is not valid JSON ({why})", code="invalid_json") from None
             if not service.ready:
                 raise ApiError(503, "the server is not ready", code="unavailable", kind="server_error")
             req = service.validate(body)
