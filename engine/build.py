@@ -280,10 +280,18 @@ class _Builder:
             config.num_compute_capabilities = len(self.cc_values)
             for i, cc in enumerate(self.cc_values):
                 config.set_compute_capability(cc, i)
+            # TensorRT-RTX allows CUDA stream capture only of engines built for user-managed memory (RTX 1.2
+            # release notes); the runtime records the denoising loop in a CUDA graph, so every engine needs it.
+            config.set_flag(self.flavour.trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
+            flags["require_user_allocation"] = True
         else:
             blob = self.timing_cache_path.read_bytes() if self.timing_cache_path.is_file() else b""
             cache = config.create_timing_cache(blob)
-            config.set_timing_cache(cache, ignore_mismatch=False)
+            if not config.set_timing_cache(cache, ignore_mismatch=False):
+                # Written on another GPU or by another version: its timings would mislead the tactic choice.
+                bar.write(f"timing cache {self.timing_cache_path} is from another GPU or TensorRT version; "
+                          "discarded, a new one is written")
+                config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
             flags["timing_cache"] = True
         return config, flags
 
@@ -318,6 +326,9 @@ class _Builder:
                 os.fsync(f.fileno())
             if not ok or size == 0:
                 raise UserError(f"{self.flavour.name} could not build {name}; rerun with --verbose for the builder's log")
+            # The old sidecar goes before the new engine comes: a crash in between leaves an engine without a
+            # sidecar (rebuilt next time), never a sidecar that describes another engine.
+            sidecar.sidecar_path(engine).unlink(missing_ok=True)
             os.replace(tmp, engine)
         finally:
             if tmp.exists():
@@ -365,7 +376,7 @@ def build_engines(bundle_dir, out_dir, opts: BuildOptions | None = None) -> list
     opts = opts or BuildOptions()
     bundle = Bundle.open(bundle_dir)
     image = image_profile(bundle, opts.sizes)
-    flavour = load_flavour(opts.backend)
+    flavour = load_flavour(opts.backend, opset=int(bundle.manifest.get("opset", 23)))
     targets, cc_values = resolve_targets(flavour, opts.targets, gpu_info())
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

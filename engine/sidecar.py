@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 
 from zimage_trt.errors import UserError
@@ -37,12 +38,17 @@ def sidecar_path(engine: Path) -> Path:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write through a temporary file of this call's own (two threads of a process may write the same path)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_sidecar(engine: Path, meta: dict) -> None:
@@ -84,6 +90,8 @@ def stale_reason(
         return f"built with {meta['backend']}, {backend} asked for"
     if meta["backend_version"] != backend_version:
         return f"built with {meta['backend']} {meta['backend_version']}, {backend_version} installed"
+    if backend == "tensorrt-rtx" and not meta["build"]["flags"].get("require_user_allocation"):
+        return "built without REQUIRE_USER_ALLOCATION, which TensorRT-RTX needs to record the loop in a CUDA graph"
     if meta["targets"] != targets:
         return f"built for {describe_targets(meta['targets'])}; {describe_targets(targets)} asked for"
     built = meta.get("request") or {}

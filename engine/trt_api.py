@@ -19,6 +19,10 @@ _INSTALL = {
     "tensorrt": "pip install tensorrt-cu12 (CUDA 12) or tensorrt-cu13 (CUDA 13), from NVIDIA's index (pypi.nvidia.com)",
     "tensorrt-rtx": "pip install tensorrt-rtx-cu13==1.7.1.116",
 }
+# TensorRT's ONNX parser gained Attention in 10.14 and RMSNormalization in 10.15 (its CHANGELOG).
+# TensorRT-RTX 1.7 parses both (checked here).
+MIN_VERSION = {"tensorrt": (10, 15)}
+FUSED_OPSET = 23  # the opset from which the exporter writes those two ops; below it they are plain ops
 # TensorRT-RTX targets GeForce/RTX architectures; the datacenter Hopper and Blackwell parts are TensorRT's.
 RTX_UNSUPPORTED_CC = {(9, 0), (10, 0), (10, 3)}
 
@@ -44,7 +48,9 @@ class Flavour:
         return 0 if flag is None else 1 << int(flag)
 
 
-def load_flavour(name: str) -> Flavour:
+def load_flavour(name: str, opset: int | None = None) -> Flavour:
+    """The installed library for `name`; with the opset of the graphs to parse, also refuse a version whose ONNX
+    parser cannot read them."""
     if name not in _MODULES:
         raise UserError(f"unknown engine backend {name!r}; choose tensorrt or tensorrt-rtx")
     try:
@@ -55,7 +61,28 @@ def load_flavour(name: str) -> Flavour:
         raise UserError(f"'{_MODULES[name]}' is installed but its libraries do not load ({exc}); {_INSTALL[name]}") from None
     if not hasattr(trt, "Builder"):
         raise UserError(f"'{_MODULES[name]}' is a stub without the TensorRT libraries; {_INSTALL[name]}")
-    return Flavour(name, trt, str(trt.__version__))
+    version = str(trt.__version__)
+    if opset is not None:
+        check_version(name, version, opset)
+    return Flavour(name, trt, version)
+
+
+def check_version(name: str, version: str, opset: int) -> None:
+    """Refuse a TensorRT whose ONNX parser cannot read graphs of this opset (23: Attention, RMSNormalization)."""
+    floor = MIN_VERSION.get(name)
+    if floor is None or opset < FUSED_OPSET:
+        return
+    try:
+        have = tuple(int(p) for p in version.split(".")[:2])
+    except ValueError:
+        return  # a development build with no numeric version: let the parser speak for itself
+    if have < floor:
+        need = ".".join(map(str, floor))
+        raise UserError(
+            f"{name} {version} is installed; the bundles use ONNX Attention and RMSNormalization (opset 23), which "
+            f"TensorRT's ONNX parser reads from {need} on; upgrade ({_INSTALL[name]}), or export with --opset 18 "
+            "for an older TensorRT"
+        )
 
 
 def rtx_targets(flavour: Flavour, targets: list[str]) -> list:

@@ -42,6 +42,10 @@ class OrtSession:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.binding = self.session.io_binding()
 
+    def close(self) -> None:
+        """Drop the onnxruntime session and its bindings."""
+        self.binding = self.session = None
+
     def _bind(self, bind, name: str, t: torch.Tensor) -> None:
         bind(name, self.ort_device[0], self.ort_device[1], _NP[t.dtype], tuple(t.shape), t.data_ptr())
 

@@ -12,6 +12,8 @@ Verbs, in the order `generate` calls them: use_size, tokenize, encode_prompt, in
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -26,6 +28,8 @@ from .bundle import Bundle
 from .scheduler import Schedule, flow_match_schedule
 from .sizes import SizeRange
 from .tokenizer import PromptTokenizer
+
+log = logging.getLogger("zimage_trt")
 
 MAX_CUDA_GRAPHS = 16  # e.g. every padded caption length (512 / 32) at one size, or 4 lengths at 4 sizes
 
@@ -63,6 +67,10 @@ class ZImageRuntime:
             cuda_graph and self.device.type == "cuda" and getattr(self.transformer, "capturable", False)
         )
         self.sessions = sessions
+        # One CUDA stream of the runtime's own for all its work: TensorRT adds device-wide synchronisations on
+        # the legacy default stream. Sessions enqueue on the current stream, which each verb sets to this one.
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.cuda_graph_failures = 0  # captures refused or failed; after the first the loop runs eagerly
         self.sizes = self._served_sizes()
         self.max_cuda_graphs = max_cuda_graphs
         self._graphs: OrderedDict[tuple, torch.cuda.CUDAGraph] = OrderedDict()
@@ -145,6 +153,10 @@ class ZImageRuntime:
     def schedule(self) -> Schedule:
         return self._plans[self.default_steps].schedule
 
+    def on_stream(self):
+        """Context in which device work goes to the runtime's stream (nothing on a CPU)."""
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
     # ---------------------------------------------------------------- verbs
     def tokenize(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt)
@@ -154,9 +166,10 @@ class ZImageRuntime:
         n = len(ids)
         if not 0 < n <= self.bundle.max_caption_tokens:
             raise UserError(f"a prompt must give 1..{self.bundle.max_caption_tokens} tokens, got {n}")
-        self.ids[0, :n].copy_(torch.tensor(ids, dtype=torch.int64), non_blocking=True)
-        self.text_encoder.run({"input_ids": self.ids[:, :n]}, {"features": self.caption[:, :n]})
-        self.cap_len.fill_(n)
+        with self.on_stream():
+            self.ids[0, :n].copy_(torch.tensor(ids, dtype=torch.int64), non_blocking=True)
+            self.text_encoder.run({"input_ids": self.ids[:, :n]}, {"features": self.caption[:, :n]})
+            self.cap_len.fill_(n)
         return self.bundle.padded_caption_length(n)
 
     def init_latents(self, seed: int) -> None:
@@ -164,7 +177,8 @@ class ZImageRuntime:
         uses for that size, from a generator seeded on `generator_device`."""
         gen = torch.Generator(self.generator_device).manual_seed(int(seed))
         noise = torch.randn(self.latents.shape, generator=gen, device=self.generator_device)
-        self.latents.copy_(noise)
+        with self.on_stream():
+            self.latents.copy_(noise)
 
     def _feeds(self, lpad: int) -> dict:
         return {
@@ -183,7 +197,9 @@ class ZImageRuntime:
             self.velocity.mul_(neg_dt)
             self.latents.add_(self.velocity)
 
-    def _graph_for(self, lpad: int, plan: Plan) -> "torch.cuda.CUDAGraph":
+    def _graph_for(self, lpad: int, plan: Plan) -> "torch.cuda.CUDAGraph | None":
+        """The recorded loop for this size, caption length and plan; None if it cannot be recorded (then the
+        runtime warns once, counts it in `cuda_graph_failures`, and runs every loop eagerly from then on)."""
         key = (self.size, lpad, plan.schedule.passes)
         graph = self._graphs.get(key)
         if graph is not None:
@@ -191,18 +207,39 @@ class ZImageRuntime:
             return graph
         while len(self._graphs) >= self.max_cuda_graphs:
             self._evict_oldest_graph()
-        # One eager pass first: engines and kernels initialise lazily, and that must not land in the graph.
-        self.transformer.run(self._feeds(lpad), {"velocity": self.velocity})
+        feeds = self._feeds(lpad)
+        # One eager pass first: engines and kernels initialise lazily, and that must not land in the graph
+        # (TensorRT: run once after a shape change before capturing, NVIDIA/TensorRT#3011).
+        self.transformer.run(feeds, {"velocity": self.velocity})
         torch.cuda.synchronize(self.device)
+        capturable = getattr(self.transformer, "stream_capturable", None)
+        if capturable is not None and not capturable(feeds, self.stream):
+            self._stop_recording("the engine says this stream cannot be captured (is_stream_capturable)")
+            return None
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         # Sharing the pool is safe: each loop frees all its temporaries before it ends and writes only the
-        # runtime's own buffers, and the loops run one at a time on one stream.
+        # runtime's own buffers, and the loops run one at a time on one stream. "thread_local": work that other
+        # threads enqueue meanwhile (TensorRT-RTX compiles kernels in background threads) is not captured and
+        # does not break the capture.
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
-            self._denoise_eager(lpad, plan)
+        try:
+            with torch.cuda.graph(graph, pool=self._graph_pool, stream=self.stream, capture_error_mode="thread_local"):
+                self._denoise_eager(lpad, plan)
+        except Exception as exc:  # noqa: BLE001 - the capture has ended; nothing it recorded has run
+            graph.reset()
+            self._stop_recording(f"CUDA graph capture failed ({type(exc).__name__}: {exc})")
+            return None
         self._graphs[key] = graph
         return graph
+
+    def _stop_recording(self, why: str) -> None:
+        self.cuda_graph_failures += 1
+        if self.use_cuda_graph:
+            log.warning("%s; the denoising loop runs eagerly from now on (same results, more host work)", why)
+        self.use_cuda_graph = False
+        while self._graphs:
+            self._evict_oldest_graph()
 
     def _evict_oldest_graph(self) -> None:
         (size, lpad, _), graph = self._graphs.popitem(last=False)
@@ -223,16 +260,19 @@ class ZImageRuntime:
     def denoise(self, lpad: int, steps: int | None = None) -> None:
         """All transformer passes and Euler steps over self.latents, in place."""
         plan = self.plan(steps)
-        if self.use_cuda_graph:
-            self._graph_for(lpad, plan).replay()
-        else:
-            self._denoise_eager(lpad, plan)
+        with self.on_stream():
+            graph = self._graph_for(lpad, plan) if self.use_cuda_graph else None
+            if graph is not None:
+                graph.replay()
+            else:
+                self._denoise_eager(lpad, plan)
 
     def decode(self) -> np.ndarray:
         """VAE decode of self.latents -> HxWx3 uint8, rounded as diffusers' numpy_to_pil rounds."""
-        self.vae.run({"latents": self.latents}, {"image": self.image})
-        pixels = (self.image[0].permute(1, 2, 0) * 255).round().to(torch.uint8)
-        return pixels.cpu().numpy()  # the one host sync of a generation
+        with self.on_stream():
+            self.vae.run({"latents": self.latents}, {"image": self.image})
+            pixels = (self.image[0].permute(1, 2, 0) * 255).round().to(torch.uint8)
+            return pixels.cpu().numpy()  # the one host sync of a generation
 
     def generate(
         self, prompt: str, seed: int = 0, steps: int | None = None, size: tuple[int, int] | None = None
@@ -244,6 +284,23 @@ class ZImageRuntime:
         self.init_latents(seed)
         self.denoise(lpad, steps)
         return self.decode()
+
+
+    def close(self, sessions: bool = True) -> None:
+        """Free the recorded graphs and the buffers, and (unless sessions=False, for sessions the caller still
+        uses) close the sessions: engines, contexts and the shared device-memory block go with them."""
+        while self._graphs:
+            self._evict_oldest_graph()
+        self._graph_pool = None
+        if sessions:
+            for s in self.sessions.values():
+                close = getattr(s, "close", None)
+                if close is not None:
+                    close()
+        for name in ("ids", "caption", "cap_len", "timestep", "latents", "velocity", "image",
+                     "_latents_store", "_velocity_store", "_image_store"):
+            setattr(self, name, None)
+        self.size = None
 
 
 def save_png(pixels: np.ndarray, path) -> None:

@@ -6,7 +6,7 @@ current CUDA stream (no host sync), so a loop of runs can be recorded in a CUDA 
 true. Tensors are torch tensors on the session's device; I/O dtypes are float32 and int64 (ids, lengths)
 whatever the network's internal precision.
 
-Engines add what only they have (TrtSession): `image_sizes`, the SizeRange their optimization profile covers,
+Engines add what only they have (TrtSession): `stream_capturable(inputs, stream)`, asked before a capture; `image_sizes`, the SizeRange their optimization profile covers,
 with `check_size(width, height)` and `rebuild_hint()` for the one-line refusal of a size outside it; and
 `release_shapes(shapes)`, called by the runtime when no recorded CUDA graph uses those input shapes any more.
 """
@@ -25,6 +25,9 @@ class Session(Protocol):
     capturable: bool
 
     def run(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None: ...
+
+    def close(self) -> None:
+        """Free what the session holds (engine, contexts, weights); it cannot run after this."""
 
 
 def check_io(name: str, tensors: dict[str, torch.Tensor], expected: list[str]) -> None:

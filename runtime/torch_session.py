@@ -21,6 +21,10 @@ class TorchSession:
         self.input_names = list(module.input_names)
         self.output_names = list(module.output_names)
 
+    def close(self) -> None:
+        """Drop the module (its weights go once nothing else holds them)."""
+        self.module = None
+
     @torch.no_grad()
     def run(self, inputs, outputs) -> None:
         check_io(self.name, inputs, self.input_names)

@@ -14,6 +14,10 @@ and the GPU (engine/sidecar.py); a stale or foreign engine is refused with the r
 from __future__ import annotations
 
 import atexit
+import logging
+import mmap
+import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -23,6 +27,21 @@ from zimage_trt.engine.trt_api import RTX_UNSUPPORTED_CC, gpu_info, load_flavour
 from zimage_trt.errors import UserError
 
 from .bundle import NETWORKS, Bundle
+
+log = logging.getLogger("zimage_trt")
+
+# TensorRT-RTX sessions whose runtime cache is saved at exit. Weak: the exit hook must not keep engines alive
+# (a closed or collected session leaves the set by itself).
+_CACHES_TO_SAVE: "weakref.WeakSet[TrtSession]" = weakref.WeakSet()
+
+
+@atexit.register
+def _save_runtime_caches() -> None:
+    for session in list(_CACHES_TO_SAVE):
+        try:
+            session.save_runtime_cache()
+        except OSError as exc:  # at exit: say so, never a traceback
+            log.warning("%s: could not save the runtime cache %s (%s)", session.name, session.cache_file, exc)
 
 
 class TrtSession:
@@ -41,7 +60,10 @@ class TrtSession:
         self.name, self.device, self.flavour, self.precision = name, device, flavour, meta["precision"]
         self.meta, self.fix = meta, fix
         self.image_sizes = sidecar.image_sizes(meta)  # what the profile covers (None: no image input)
-        self.engine = runtime.deserialize_cuda_engine(engine_file.read_bytes())
+        # From a read-only mmap of the file, not a bytes copy: the builder's plan is 12 GB for the transformer,
+        # and deserialization copies what it keeps, so the mapping can go once it returns.
+        with open(engine_file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as plan:
+            self.engine = runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise UserError(f"{engine_file} could not be deserialized by {flavour.name} {flavour.version}; rebuild it")
         self.cache_file = None
@@ -54,10 +76,14 @@ class TrtSession:
             config.cuda_graph_strategy = trt.CudaGraphStrategy.DISABLED  # the runtime records the whole loop
             self.cache = config.create_runtime_cache()
             self.cache_file = engine_file.with_name(engine_file.name + ".runtime_cache")
-            if self.cache_file.is_file():
-                self.cache.deserialize(self.cache_file.read_bytes())
+            if self.cache_file.is_file() and not self.cache.deserialize(self.cache_file.read_bytes()):
+                # Another GPU, driver or library wrote it: start empty; the next save replaces it.
+                log.warning("%s: runtime cache %s was refused (another GPU or version); rebuilding it",
+                            name, self.cache_file)
+                self.cache.reset()
             config.set_runtime_cache(self.cache)
             self.runtime_config = config
+            _CACHES_TO_SAVE.add(self)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -71,6 +97,7 @@ class TrtSession:
         self.shapes: dict[tuple | None, tuple] = {}  # context key -> the shapes set on it
         self.block = None
         self.eager = eager and self.cache_file is not None
+        self._cache_lock = threading.Lock()
 
     def _new_context(self):
         trt = self.flavour.trt
@@ -130,10 +157,35 @@ class TrtSession:
         if new_shape and self.eager:
             self.save_runtime_cache()  # eager specialisation has just compiled this shape's kernels
 
+    def stream_capturable(self, inputs, stream: torch.cuda.Stream) -> bool:
+        """Whether the context for these input shapes may be recorded on `stream` (TensorRT 10 and RTX ask that
+        this be checked before capture; an engine without user-managed memory, for one, is not)."""
+        ctx, _ = self._context_for(inputs)
+        return bool(ctx.is_stream_capturable(stream.cuda_stream))
+
     def save_runtime_cache(self) -> None:
-        """Write TensorRT-RTX's compiled kernels beside the engine, so the next process starts warm."""
-        if self.cache_file is not None:
+        """Write TensorRT-RTX's compiled kernels beside the engine, so the next process starts warm. Under a lock:
+        the server's worker and the exit hook may both save; each write goes through its own temporary file."""
+        if self.cache_file is None or self.cache is None:
+            return
+        with self._cache_lock:
             sidecar.write_atomic(self.cache_file, bytes(memoryview(self.cache.serialize())))
+
+    def close(self) -> None:
+        """Free the contexts, the engine and the runtime configuration (saving the RTX runtime cache first);
+        the shared device-memory block goes with the last session that holds it."""
+        if self.engine is None:
+            return
+        try:
+            self.save_runtime_cache()
+        except OSError as exc:
+            log.warning("%s: could not save the runtime cache %s (%s)", self.name, self.cache_file, exc)
+        _CACHES_TO_SAVE.discard(self)
+        self.contexts.clear()  # contexts first: they use the engine and the runtime config
+        self.shapes.clear()
+        self.runtime_config = self.cache = None
+        self.engine = None
+        self.block = self.shared_memory = None
 
 
 def open_engine_sessions(bundle: Bundle, engines_dir, device: torch.device) -> dict:
@@ -172,8 +224,6 @@ def open_engine_sessions(bundle: Bundle, engines_dir, device: torch.device) -> d
             n: TrtSession(n, flavour, runtime, files[n], device, metas[n], recorded=(n == "transformer"), fix=fix)
             for n in NETWORKS
         }
-    if flavour.is_rtx:
-        atexit.register(lambda: [s.save_runtime_cache() for s in sessions.values()])
     # The engines run one after another on one stream: one block, sized for the largest, serves them all.
     size = max(s.device_memory_size for s in sessions.values())
     block = torch.empty(max(size, 1), dtype=torch.uint8, device=device)

@@ -69,6 +69,7 @@ def test_three_engines_are_built_with_sidecars(engines, fp16_bundle):
         assert meta["backend"] == "tensorrt-rtx" and meta["backend_version"] == flavour.version
         assert meta["targets"] == {"compute_capabilities": TARGETS}
         assert meta["build"]["flags"]["strongly_typed"] is True
+        assert meta["build"]["flags"]["require_user_allocation"] is True  # RTX: needed for CUDA stream capture
         assert engine.stat().st_size == meta["build"]["engine_bytes"] > 100_000
     assert not list(out.glob(".*tmp*"))
 
@@ -279,3 +280,48 @@ def test_a_size_outside_the_engine_profile_is_refused_with_the_build_command(eng
     build_engines(fp16_bundle, out, BuildOptions(backend="tensorrt-rtx", targets=TARGETS, sizes=[(128, 128), (96, 128)],
                                                  networks=("transformer",)))
     sidecar.check_size(sidecar.read_sidecar(sidecar.engine_path(out, "transformer")), "transformer", 96, 128, fix)
+
+
+# ---------------------------------------------------------------- the version floor and opset 18
+def test_tensorrt_older_than_10_15_is_refused_for_opset_23_graphs():
+    from zimage_trt.engine.trt_api import check_version
+
+    with pytest.raises(UserError, match=r"tensorrt 10\.13\.0\.35 is installed.*from 10\.15 on.*pip install tensorrt.*--opset 18"):
+        check_version("tensorrt", "10.13.0.35", 23)
+    check_version("tensorrt", "10.15.1", 23)
+    check_version("tensorrt", "11.1.0", 23)
+    check_version("tensorrt", "10.8.0", 18)  # opset 18 graphs have no Attention/RMSNormalization to parse
+    check_version("tensorrt-rtx", "1.7.1.116", 23)
+
+
+def test_an_opset_18_bundle_has_plain_ops_matches_diffusers_and_builds(tiny_model, tmp_path):
+    """For users on a TensorRT before 10.15: attention and RMSNorm decomposed into plain ops, same results."""
+    from zimage_trt.export.bundle import ExportOptions, export_bundle
+    from zimage_trt.parity import run_parity
+    from zimage_trt.sessions import open_sessions
+
+    from .conftest import PROMPT
+
+    prec = {"text_encoder": "fp16", "transformer": "fp16", "vae_decoder": "fp32"}
+    bundle_dir = tmp_path / "opset18"
+    export_bundle(tiny_model, bundle_dir, ExportOptions(height=SIZE, width=SIZE, precision=prec, opset=18,
+                                                        calibration_prompts=[PROMPT]))
+    for name in ("text_encoder", "transformer", "vae_decoder"):
+        model = onnx.load(str(bundle_dir / f"{name}.onnx"), load_external_data=False)
+        ops = {n.op_type for n in model.graph.node}
+        assert model.opset_import[0].version == 18 and not ops & {"Attention", "RMSNormalization"}, name
+    bundle = Bundle.open(bundle_dir)
+    cpu = torch.device("cpu")
+    rows = run_parity(tiny_model, bundle, open_sessions("onnxruntime", bundle, cpu), "onnxruntime", PROMPT, 42, cpu)
+    assert all(r.ok for r in rows), [r.cells() for r in rows]
+    results = build_engines(bundle_dir, tmp_path / "engines", BuildOptions(backend="tensorrt-rtx", targets=["sm89"]))
+    assert [r.status for r in results] == ["built"] * 3
+
+
+def test_an_rtx_engine_without_user_allocation_is_rebuilt(engines, fp16_bundle, tmp_path):
+    out = copy_tree(engines[0], tmp_path / "engines")
+    edit_json(sidecar.sidecar_path(sidecar.engine_path(out, "vae_decoder")),
+              lambda m: m["build"]["flags"].pop("require_user_allocation"))
+    results = {r.network: r for r in build_engines(fp16_bundle, out, BuildOptions(
+        backend="tensorrt-rtx", targets=TARGETS, networks=("vae_decoder",)))}
+    assert results["vae_decoder"].status == "built" and "REQUIRE_USER_ALLOCATION" in results["vae_decoder"].reason

@@ -151,3 +151,51 @@ def test_graph_cache_is_a_bounded_lru_whose_memory_does_not_grow(tiny_model, fp3
     torch.cuda.synchronize()
     # Every loop records into one shared pool, so six captures cost what the largest one costs.
     assert torch.cuda.memory_reserved(dev) <= after_one * 1.1 + 2**21
+
+
+# ---------------------------------------------------------------- the runtime's stream and a capture that fails
+class _Recording:
+    """A real session, run as it is, that notes the stream each run is enqueued on and can read a value back to
+    the host first (which no CUDA graph can record: the capture then fails, as a refused capture would)."""
+
+    def __init__(self, inner, host_sync: bool = False):
+        self.inner, self.host_sync, self.streams = inner, host_sync, []
+        self.name, self.device, self.precision, self.capturable = inner.name, inner.device, inner.precision, True
+
+    def close(self):
+        self.inner.close()
+
+    def run(self, inputs, outputs):
+        self.streams.append(torch.cuda.current_stream(self.device))
+        if self.host_sync:
+            float(inputs["timestep"][0])
+        self.inner.run(inputs, outputs)
+
+
+def test_the_runtime_runs_everything_on_its_own_stream(tiny_model, fp32_range_bundle):
+    bundle = Bundle.open(fp32_range_bundle)
+    dev = torch.device("cuda")
+    sessions = {n: _Recording(s) for n, s in open_sessions("torch", bundle, dev, model_dir=tiny_model).items()}
+    rt = ZImageRuntime(bundle, sessions, dev, cuda_graph=False)
+    rt.generate(PROMPT, 0)
+    assert rt.stream != torch.cuda.default_stream(dev)
+    for s in sessions.values():
+        assert s.streams and all(st == rt.stream for st in s.streams), s.name
+    rt.close()
+    assert rt.latents is None and rt.sessions["transformer"].inner.module is None
+
+
+def test_a_failed_capture_falls_back_to_the_eager_loop_once(tiny_model, fp32_range_bundle, caplog):
+    bundle = Bundle.open(fp32_range_bundle)
+    dev = torch.device("cuda")
+    plain = open_sessions("torch", bundle, dev, model_dir=tiny_model)
+    eager = ZImageRuntime(bundle, plain, dev, cuda_graph=False)
+    syncing = dict(plain, transformer=_Recording(plain["transformer"], host_sync=True))
+    rt = ZImageRuntime(bundle, syncing, dev, cuda_graph=True)
+    with caplog.at_level("WARNING", logger="zimage_trt"):
+        for seed in (1, 2):  # the first request meets the failure, the second runs eagerly without a new one
+            image = rt.generate(PROMPT, seed)
+            assert (image == eager.generate(PROMPT, seed)).all() and torch.equal(rt.latents, eager.latents)
+    assert rt.cuda_graph_failures == 1 and not rt.use_cuda_graph and not rt._graphs
+    warnings = [r for r in caplog.records if "CUDA graph capture failed" in r.getMessage()]
+    assert len(warnings) == 1

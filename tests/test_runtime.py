@@ -90,3 +90,16 @@ def test_runtime_imports_neither_diffusers_nor_export_code():
                 names = [node.module or ""]
             for name in names:
                 assert not name.startswith(("diffusers", "transformers", "zimage_trt.export")), (path.name, name)
+
+
+def test_close_frees_sessions_graphs_and_buffers(fp32_bundle):
+    bundle = Bundle.open(fp32_bundle)
+    sessions = open_sessions("onnxruntime", bundle, CPU)
+    rt = ZImageRuntime(bundle, sessions, CPU)
+    rt.generate(PROMPT, 0)
+    rt.close(sessions=False)  # the caller keeps its sessions: they still run
+    assert rt.latents is None and rt._latents_store is None and not rt._graphs
+    again = ZImageRuntime(bundle, sessions, CPU)
+    assert again.generate(PROMPT, 0).shape == (SIZE, SIZE, 3)
+    again.close()
+    assert all(s.session is None for s in sessions.values())

@@ -186,6 +186,7 @@ def bench_runtime(bundle, sessions: dict, prompt, seed, device, warmup, iters, s
     te, vae = TimedSession(sessions["text_encoder"], clock), TimedSession(sessions["vae_decoder"], clock)
     rt = ZImageRuntime(bundle, {"text_encoder": te, "transformer": sessions["transformer"], "vae_decoder": vae}, device)
     rt.use_size(*size)
+    clock.stream = rt.stream  # the runtime's work runs on its own stream: time it there
     samples = Samples(device)
     for i in range(warmup + iters):
         clock.sync()
@@ -217,13 +218,16 @@ def bench_runtime(bundle, sessions: dict, prompt, seed, device, warmup, iters, s
         clock.sync()
         samples.begin_stage()
         begin = clock.start()
-        rt.transformer.run(feeds, {"velocity": rt.velocity})
+        with rt.on_stream():
+            rt.transformer.run(feeds, {"velocity": rt.velocity})
         one = clock.stop(begin)
         samples.end_stage("transformer x1")
         clock.sync()
         if i >= warmup:
             samples.add("transformer x1", one())
-    return {"stages": samples.summary(), "passes": rt.schedule.passes, "lpad": lpad, "cuda_graph": rt.use_cuda_graph}
+    result = {"stages": samples.summary(), "passes": rt.schedule.passes, "lpad": lpad, "cuda_graph": rt.use_cuda_graph}
+    rt.close(sessions=False)  # the caller closes the sessions
+    return result
 
 
 def available_backends(requested: list[str], device: torch.device, engines) -> tuple[list[str], dict]:
@@ -296,6 +300,8 @@ def run_bench(
         r = bench_runtime(bundle, sessions, prompt, seed, device, warmup, iters, (width, height))
         r["memory"] = _memory_end(device, base)
         results["systems"][f"runtime {backend} ({precision})"] = r
+        for s in sessions.values():
+            s.close()
         del sessions
         release_memory(device)
     lpad = next((r["lpad"] for r in results["systems"].values() if "lpad" in r), 128)

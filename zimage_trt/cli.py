@@ -341,7 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder-precision", choices=PRECISIONS, help="text encoder precision (default fp16)")
     p.add_argument("--vae-precision", choices=("bf16", "fp32"), help="VAE decoder precision (default bf16)")
     p.add_argument("--device", default="cpu", help="where to load and trace the model: cpu or cuda (default cpu)")
-    p.add_argument("--opset", type=int, default=23, help="ONNX opset (default 23: fused Attention, RMSNormalization)")
+    p.add_argument("--opset", type=int, default=23, choices=range(18, 24), metavar="{18..23}",
+                   help="ONNX opset (default 23: ONNX Attention and RMSNormalization, which TensorRT parses from "
+                   "10.15 and TensorRT-RTX 1.7 parses; 18: the same math in plain ops, for an older TensorRT, "
+                   "whose builder fuses the attention pattern itself)")
     p.add_argument("--check", default="auto", choices=("auto", "always", "never"),
                    help="check each graph with onnxruntime; auto skips graphs too large for a CPU (default auto)")
     p.add_argument("--fp16-scales", help="JSON of FP16 rescale factors (or a bundle manifest) instead of calibrating")

@@ -157,10 +157,12 @@ def _run_parity(model_dir, bundle, sessions, backend, prompt, seed, device, size
         with torch.no_grad():
             want = refs["vae_decoder"](last_latents)
         rows.append(_compare("vae_decoder" + label(size), backend, prec["vae_decoder"], image, want))
+    ref_rt.close()  # the float32 reference modules, before diffusers' pipeline is loaded
     del refs, ref_rt, want
     release_memory(device)
 
     ours = {size: ours_rt.generate(prompt, seed, size=size) for size in sizes}
+    ours_rt.close(sessions=False)  # the caller's sessions stay open
     steps = bundle.scheduler["default_steps"]
     theirs = reference_images(model_dir, prompt, seed, sizes, steps, device)
     release_memory(device)

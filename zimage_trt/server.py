@@ -82,6 +82,7 @@ class Metrics:
         self.rejected = Counter("zimage_rejected_requests_total", "Requests answered without an image", ["reason"], registry=r)
         self.images = Counter("zimage_images_total", "Images generated for requests (warm-up excluded)", registry=r)
         self.skipped = Counter("zimage_skipped_jobs_total", "Queued requests dropped before the GPU saw them", ["reason"], registry=r)
+        self.graph_failures = Gauge("zimage_cuda_graph_failures", "CUDA graph captures refused or failed (the loop then runs eagerly)", registry=r)
 
 
 class ImageService:
@@ -107,6 +108,7 @@ class ImageService:
         o = self.opts
         self.bundle = Bundle.open(o.bundle)
         device = resolve_device(o.device)
+        _use_device(device)  # engines and torch allocations land on the current device of the loading thread
         sessions = open_sessions(o.backend, self.bundle, device, model_dir=o.model, engines=o.engines, torch_dtype=o.torch_dtype)
         self.runtime = ZImageRuntime(self.bundle, sessions, device)
         self.sizes = self.runtime.sizes  # the bundle's range, narrowed to what the engines cover
@@ -125,12 +127,16 @@ class ImageService:
         if self.worker is not None:
             self.queue.put(None)  # after everything queued: blocks only while the queue is full
             self.worker.join()
+            self.worker = None
+        if self.runtime is not None:  # its tokenizer stays for a late request's validation (answered 503)
+            self.runtime.close()  # engines, contexts, the shared block, graphs (and the RTX runtime cache, saved)
 
     # ------------------------------------------------------------ the GPU side
     def _work(self) -> None:
         from zimage_trt.runtime.timing import Clock
 
-        clock = Clock(self.runtime.device)
+        _use_device(self.runtime.device)  # this thread's CUDA calls go to the runtime's GPU (--device cuda:N)
+        clock = Clock(self.runtime.device, self.runtime.stream)
         while True:
             job = self.queue.get()
             if job is None:
@@ -169,6 +175,7 @@ class ImageService:
         marks["vae_decode"] = clock.stop(begin)
         for stage, elapsed in marks.items():
             self.metrics.stage.labels(stage).observe(elapsed() / 1e3)
+        self.metrics.graph_failures.set(rt.cuda_graph_failures)
         self.metrics.images.inc()
         return pixels
 
@@ -255,6 +262,15 @@ class ImageService:
                            code="queue_full", kind="rate_limit_error", headers={"Retry-After": str(retry)}) from None
         self.metrics.queue_depth.set(self.queue.qsize())
         return job
+
+
+def _use_device(device) -> None:
+    """Make `device` this thread's current CUDA device (a no-op on a CPU): TensorRT places engines, and torch
+    places unqualified allocations, on the current device, which is per thread."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.set_device(device)
 
 
 def _resolve(future: asyncio.Future, result, error) -> None:
