@@ -4,8 +4,9 @@ Execution contexts use user-managed device memory: the three engines run one aft
 every context shares one device-memory block sized for the largest. The transformer, whose loop the runtime
 records in CUDA graphs, has one context per input-shape set (image size, caption length), each fixed at its
 shapes; the text encoder and VAE have one context each and set shapes as they change. Inputs and outputs are
-bound by address (`set_tensor_address`); `execute_async_v3` enqueues on the current torch stream and returns. TensorRT-RTX compiles kernels for the GPU at first use; its runtime cache
-is kept beside the engine (NAME.engine.runtime_cache) so the next process starts warm.
+bound by address (`set_tensor_address`); `execute_async_v3` enqueues on the current torch stream and returns.
+TensorRT-RTX compiles kernels for the GPU at first use; its runtime cache is kept beside the engine
+(NAME.engine.runtime_cache) so the next process starts warm.
 
 Before anything is deserialized each engine's sidecar is checked against the bundle, the installed library
 and the GPU (engine/sidecar.py); a stale or foreign engine is refused with the reason and the fix.
@@ -55,7 +56,6 @@ class TrtSession:
         compiles shape-specialised kernels eagerly at the first run of a new shape, before the runtime records
         it; otherwise they are compiled in the background and swapped in later.
         meta: the engine's sidecar; fix: the build command for this bundle and engine folder."""
-        eager = recorded
         trt = flavour.trt
         self.name, self.device, self.flavour, self.precision = name, device, flavour, meta["precision"]
         self.meta, self.fix = meta, fix
@@ -72,7 +72,7 @@ class TrtSession:
             config = self.engine.create_runtime_config()
             config.set_execution_context_allocation_strategy(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
             strategy = trt.DynamicShapesKernelSpecializationStrategy
-            config.dynamic_shapes_kernel_specialization_strategy = strategy.EAGER if eager else strategy.LAZY
+            config.dynamic_shapes_kernel_specialization_strategy = strategy.EAGER if recorded else strategy.LAZY
             config.cuda_graph_strategy = trt.CudaGraphStrategy.DISABLED  # the runtime records the whole loop
             self.cache = config.create_runtime_cache()
             self.cache_file = engine_file.with_name(engine_file.name + ".runtime_cache")
@@ -96,7 +96,7 @@ class TrtSession:
         self.contexts: dict[tuple, object] = {}
         self.shapes: dict[tuple | None, tuple] = {}  # context key -> the shapes set on it
         self.block = None
-        self.eager = eager and self.cache_file is not None
+        self.eager = recorded and self.cache_file is not None
         self._cache_lock = threading.Lock()
 
     def _new_context(self):
