@@ -324,8 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export",
         help="export a diffusers-format model to an ONNX bundle",
-        description="Export text encoder, transformer and VAE decoder to ONNX (batch 1, one branch, the given "
-        "resolution), check each graph with onnxruntime, and write a self-contained bundle.",
+        description="Export text encoder, transformer and VAE decoder to ONNX (batch 1, one branch; every image size "
+        "in --size-range, or the one size of --width/--height), check each graph with onnxruntime (or its eager "
+        "twin on a GPU), and write a self-contained bundle.",
     )
     p.add_argument("--model", required=True, help="diffusers-format folder, e.g. a download of Tongyi-MAI/Z-Image-Turbo")
     p.add_argument("--out", required=True, help="bundle folder to create")
