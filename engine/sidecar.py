@@ -69,9 +69,8 @@ def read_sidecar(engine: Path) -> dict | None:
     return meta
 
 
-def rebuild_command(bundle_dir, engines_dir, backend: str, sizes: list[tuple[int, int]] | None = None) -> str:
-    sizes_arg = f" --sizes {','.join(f'{w}x{h}' for w, h in sizes)}" if sizes else ""
-    return f"zimage-trt build --bundle {bundle_dir} --out {engines_dir} --backend {backend}{sizes_arg}"
+def rebuild_command(bundle_dir, engines_dir, backend: str) -> str:
+    return f"zimage-trt build --bundle {bundle_dir} --out {engines_dir} --backend {backend}"
 
 
 def stale_reason(
