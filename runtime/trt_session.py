@@ -14,11 +14,8 @@ and the GPU (engine/sidecar.py); a stale or foreign engine is refused with the r
 
 from __future__ import annotations
 
-import atexit
 import logging
 import mmap
-import threading
-import weakref
 from pathlib import Path
 
 import torch
@@ -28,21 +25,9 @@ from zimage_trt.engine.trt_api import RTX_UNSUPPORTED_CC, gpu_info, load_flavour
 from zimage_trt.errors import UserError
 
 from .bundle import NETWORKS, Bundle
+from .runtime_cache import RuntimeCacheFile, forget, save_at_exit
 
 log = logging.getLogger("zimage_trt")
-
-# TensorRT-RTX sessions whose runtime cache is saved at exit. Weak: the exit hook must not keep engines alive
-# (a closed or collected session leaves the set by itself).
-_CACHES_TO_SAVE: "weakref.WeakSet[TrtSession]" = weakref.WeakSet()
-
-
-@atexit.register
-def _save_runtime_caches() -> None:
-    for session in list(_CACHES_TO_SAVE):
-        try:
-            session.save_runtime_cache()
-        except OSError as exc:  # at exit: say so, never a traceback
-            log.warning("%s: could not save the runtime cache %s (%s)", session.name, session.cache_file, exc)
 
 
 class TrtSession:
@@ -66,7 +51,7 @@ class TrtSession:
             self.engine = runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise UserError(f"{engine_file} could not be deserialized by {flavour.name} {flavour.version}; rebuild it")
-        self.cache_file = None
+        self.runtime_cache = None  # TensorRT-RTX: its compiled kernels, kept beside the engine
         self.runtime_config = None  # TensorRT-RTX: lives as long as the contexts made from it
         if flavour.is_rtx:
             config = self.engine.create_runtime_config()
@@ -74,16 +59,12 @@ class TrtSession:
             strategy = trt.DynamicShapesKernelSpecializationStrategy
             config.dynamic_shapes_kernel_specialization_strategy = strategy.EAGER if recorded else strategy.LAZY
             config.cuda_graph_strategy = trt.CudaGraphStrategy.DISABLED  # the runtime records the whole loop
-            self.cache = config.create_runtime_cache()
-            self.cache_file = engine_file.with_name(engine_file.name + ".runtime_cache")
-            if self.cache_file.is_file() and not self.cache.deserialize(self.cache_file.read_bytes()):
-                # Another GPU, driver or library wrote it: start empty; the next save replaces it.
-                log.warning("%s: runtime cache %s was refused (another GPU or version); rebuilding it",
-                            name, self.cache_file)
-                self.cache.reset()
-            config.set_runtime_cache(self.cache)
+            cache = config.create_runtime_cache()
+            self.runtime_cache = RuntimeCacheFile(engine_file.with_name(engine_file.name + ".runtime_cache"), cache)
+            self.runtime_cache.load()
+            config.set_runtime_cache(cache)
             self.runtime_config = config
-            _CACHES_TO_SAVE.add(self)
+            save_at_exit(self.runtime_cache)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -96,8 +77,7 @@ class TrtSession:
         self.contexts: dict[tuple, object] = {}
         self.shapes: dict[tuple | None, tuple] = {}  # context key -> the shapes set on it
         self.block = None
-        self.eager = recorded and self.cache_file is not None
-        self._cache_lock = threading.Lock()
+        self.eager = recorded and self.runtime_cache is not None
 
     def _new_context(self):
         trt = self.flavour.trt
@@ -164,26 +144,24 @@ class TrtSession:
         return bool(ctx.is_stream_capturable(stream.cuda_stream))
 
     def save_runtime_cache(self) -> None:
-        """Write TensorRT-RTX's compiled kernels beside the engine, so the next process starts warm. Under a lock:
-        the server's worker and the exit hook may both save; each write goes through its own temporary file."""
-        if self.cache_file is None or self.cache is None:
-            return
-        with self._cache_lock:
-            sidecar.write_atomic(self.cache_file, bytes(memoryview(self.cache.serialize())))
+        """Write TensorRT-RTX's compiled kernels beside the engine, so the next process starts warm."""
+        if self.runtime_cache is not None:
+            self.runtime_cache.save()
 
     def close(self) -> None:
         """Free the contexts, the engine and the runtime configuration (saving the RTX runtime cache first);
         the shared device-memory block goes with the last session that holds it."""
         if self.engine is None:
             return
-        try:
-            self.save_runtime_cache()
-        except OSError as exc:
-            log.warning("%s: could not save the runtime cache %s (%s)", self.name, self.cache_file, exc)
-        _CACHES_TO_SAVE.discard(self)
+        if self.runtime_cache is not None:
+            forget(self.runtime_cache)
+            try:
+                self.runtime_cache.save()
+            except OSError as exc:
+                log.warning("%s: could not save the runtime cache %s (%s)", self.name, self.runtime_cache.path, exc)
         self.contexts.clear()  # contexts first: they use the engine and the runtime config
         self.shapes.clear()
-        self.runtime_config = self.cache = None
+        self.runtime_config = self.runtime_cache = None
         self.engine = None
         self.block = self.shared_memory = None
 
