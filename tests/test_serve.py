@@ -318,3 +318,11 @@ def test_hostile_bodies_get_a_2xx_or_a_4xx_in_the_error_shape_never_a_500(server
     status, _, body = server.get("/health")
     assert status == 200 and json.loads(body)["status"] == "ready"  # and the server is healthy after
     assert server.metric("zimage_request_latency_seconds_count", status="500") == 0
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_serve_on_a_gpu_this_machine_lacks_is_one_line(fp32_bundle):
+    out = subprocess.run([sys.executable, "-m", "zimage_trt.cli", "serve", "--bundle", str(fp32_bundle),
+                          "--device", "cuda:1"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == "error: --device cuda:1: PyTorch sees no CUDA GPU here; use --device cpu"

@@ -176,3 +176,11 @@ def test_help_answers(command):
     assert "usage: zimage-trt" in out
     if command == "export":
         assert "--dit-precision" in out and "--vae-precision" in out
+
+
+@pytest.mark.parametrize("device, needle", [("gpu", "is not a device"), ("mps", "runs on cpu or cuda"),
+                                            ("cuda:7", "cuda:7")])
+def test_a_device_that_is_not_here_is_one_line(capsys, fp32_bundle, tmp_path, device, needle):
+    code, err = run_cli(capsys, "generate", "--bundle", str(fp32_bundle), "--prompt", "a", "--device", device,
+                        "--out", str(tmp_path / "o.png"))
+    assert_one_line_error(code, err, needle)

@@ -383,7 +383,12 @@ def serve(opts: ServeOptions, host: str, port: int) -> None:
 
     from zimage_trt.runtime.bundle import Bundle
 
-    Bundle.open(opts.bundle)  # a bad path fails here, with one line, before uvicorn starts
+    from zimage_trt.sessions import resolve_device
+
+    # A bad path or device fails here, with one line, before uvicorn starts (inside its startup it would be a
+    # traceback and "Application startup failed").
+    Bundle.open(opts.bundle)
+    resolve_device(opts.device)
     if not 1 <= port <= 65535:
         raise UserError(f"--port {port} is not a TCP port")
     uvicorn.run(create_app(opts), host=host, port=port, log_level="warning", timeout_graceful_shutdown=opts.timeout_s)
