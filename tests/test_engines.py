@@ -325,3 +325,27 @@ def test_an_rtx_engine_without_user_allocation_is_rebuilt(engines, fp16_bundle, 
     results = {r.network: r for r in build_engines(fp16_bundle, out, BuildOptions(
         backend="tensorrt-rtx", targets=TARGETS, networks=("vae_decoder",)))}
     assert results["vae_decoder"].status == "built" and "REQUIRE_USER_ALLOCATION" in results["vae_decoder"].reason
+
+
+def test_a_crash_before_the_sidecar_is_written_leaves_no_sidecar_of_another_engine(engines, fp16_bundle, tmp_path,
+                                                                                  monkeypatch):
+    """The old sidecar goes before the new engine is renamed in: a build killed between the rename and the new
+    sidecar leaves an engine without a sidecar (rebuilt next time), never one that a stale sidecar describes."""
+    out = copy_tree(engines[0], tmp_path / "engines")
+    engine = sidecar.engine_path(out, "vae_decoder")
+    old_meta = sidecar.read_sidecar(engine)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # what the process meets at that point when it is interrupted
+
+    monkeypatch.setattr(sidecar, "write_sidecar", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_engines(fp16_bundle, out, BuildOptions(backend="tensorrt-rtx", targets=TARGETS, force=True,
+                                                     networks=("vae_decoder",)))
+    monkeypatch.undo()
+    assert engine.is_file() and sidecar.read_sidecar(engine) is None
+    assert not list(out.glob(".*tmp*"))
+    (r,) = build_engines(fp16_bundle, out, BuildOptions(backend="tensorrt-rtx", targets=TARGETS,
+                                                        networks=("vae_decoder",)))
+    assert r.status == "built" and r.reason == "no valid sidecar"
+    assert r.meta["onnx_sha256"] == old_meta["onnx_sha256"]
