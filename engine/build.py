@@ -286,11 +286,14 @@ class _Builder:
             flags["require_user_allocation"] = True
         else:
             blob = self.timing_cache_path.read_bytes() if self.timing_cache_path.is_file() else b""
-            cache = config.create_timing_cache(blob)
-            if not config.set_timing_cache(cache, ignore_mismatch=False):
-                # Written on another GPU or by another version: its timings would mislead the tactic choice.
+            cache = config.create_timing_cache(blob) if blob else None
+            if blob and (cache is None or not config.set_timing_cache(cache, ignore_mismatch=False)):
+                # Written on another GPU or by another version (or not a cache at all): its timings would
+                # mislead the tactic choice. set_timing_cache says so by returning False.
                 bar.write(f"timing cache {self.timing_cache_path} is from another GPU or TensorRT version; "
                           "discarded, a new one is written")
+                cache = None
+            if cache is None:
                 config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
             flags["timing_cache"] = True
         return config, flags

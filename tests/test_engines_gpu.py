@@ -199,3 +199,18 @@ def test_a_failed_capture_falls_back_to_the_eager_loop_once(tiny_model, fp32_ran
     assert rt.cuda_graph_failures == 1 and not rt.use_cuda_graph and not rt._graphs
     warnings = [r for r in caplog.records if "CUDA graph capture failed" in r.getMessage()]
     assert len(warnings) == 1
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,
+                    reason="the timing cache is TensorRT's (datacenter), which cannot be installed here")
+def test_a_foreign_timing_cache_is_discarded_and_the_build_goes_on(fp32_bundle, tmp_path, capsys):
+    from zimage_trt.engine.build import BuildOptions, build_engines
+
+    out = tmp_path / "engines"
+    out.mkdir()
+    (out / "timing.cache").write_bytes(b"written by another GPU and TensorRT version")
+    (r,) = build_engines(fp32_bundle, out, BuildOptions(backend="tensorrt", networks=("vae_decoder",)))
+    assert r.status == "built"
+    assert "is from another GPU or TensorRT version; discarded" in capsys.readouterr().err
+    assert (out / "timing.cache").read_bytes() != b"written by another GPU and TensorRT version"

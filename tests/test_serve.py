@@ -48,7 +48,7 @@ def test_health_and_metrics(server):
     _, headers, body = server.get("/metrics")
     text = body.decode()
     for name in ("zimage_request_latency_seconds", "zimage_stage_latency_seconds", "zimage_queue_depth",
-                 "zimage_rejected_requests_total", "process_resident_memory_bytes"):
+                 "zimage_rejected_requests_total", "process_resident_memory_bytes", "zimage_cuda_graph_failures"):
         assert name in text
 
 
