@@ -94,8 +94,7 @@ def _export_sizes(args):
         return None
     if args.height is not None or args.width is not None:
         raise UserError("--size-range and --width/--height exclude each other: a range, or one size")
-    rng = SizeRange.square_range(args.size_range, parse_size(args.opt_size or "1024x1024", "--opt-size"))
-    return None if rng.is_single else rng
+    return SizeRange.square_range(args.size_range, parse_size(args.opt_size or "1024x1024", "--opt-size"))
 
 
 def cmd_export(args) -> None:
