@@ -231,3 +231,15 @@ def test_bad_size_options_for_export(capsys, tiny_model, tmp_path, extra, needle
     code, err = run_cli(capsys, "export", "--model", str(tiny_model), "--out", str(tmp_path / "b"), *extra)
     assert_one_line_error(code, err, needle)
     assert not (tmp_path / "b").exists()
+
+
+def test_a_range_of_one_size_is_a_one_size_bundle_at_that_size(capsys, tiny_model, tmp_path):
+    from zimage_trt.cli import main
+
+    out = tmp_path / "b"
+    assert main(["export", "--model", str(tiny_model), "--out", str(out), "--size-range", "96:96", "--opt-size",
+                 "96x96", "--precision", "fp32", "--check", "never"]) == 0
+    bundle = Bundle.open(out)
+    assert bundle.sizes == SizeRange.single(96, 96) and not bundle.manifest["image_sizes"]["dynamic"]
+    latents = next(i for i in bundle.network("transformer")["inputs"] if i["name"] == "latents")
+    assert latents["shape"] == [1, 16, 12, 12]
