@@ -24,6 +24,7 @@ import secrets
 from pathlib import Path
 
 from zimage_trt.errors import UserError
+from zimage_trt.runtime.sizes import SizeRange, format_size
 
 SIDECAR_FORMAT = "zimage-trt-engine"
 SIDECAR_VERSION = 1
@@ -104,8 +105,6 @@ def stale_reason(
 def _sizes_text(sizes: dict | None) -> str:
     if not sizes:
         return "(not recorded)"
-    from zimage_trt.runtime.sizes import SizeRange
-
     return SizeRange.from_dict(sizes).describe()
 
 
@@ -165,8 +164,6 @@ def check_matches(meta: dict | None, engine: Path, network_name: str, network: d
 
 def image_sizes(meta: dict):
     """The SizeRange an engine's profile covers, or None for an engine that takes no image (or predates it)."""
-    from zimage_trt.runtime.sizes import SizeRange
-
     sizes = meta.get("image_sizes")
     return SizeRange.from_dict(sizes) if sizes else None
 
@@ -177,7 +174,7 @@ def size_rebuild_command(meta: dict, fix: str, width: int | None = None, height:
     if r is None:
         return fix
     sizes = [(r.min_width, r.min_height), r.opt, r.largest] + ([(width, height)] if width else [])
-    return f"{fix} --sizes {','.join(f'{w}x{h}' for w, h in dict.fromkeys(sizes))}"
+    return f"{fix} --sizes {','.join(format_size(*s) for s in dict.fromkeys(sizes))}"
 
 
 def check_size(meta: dict, network_name: str, width: int, height: int, fix: str) -> None:

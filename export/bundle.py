@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from zimage_trt.errors import UserError
-from zimage_trt.runtime.sizes import LATENT_FACTOR, SizeRange, format_size
+from zimage_trt.runtime.sizes import LATENT_FACTOR, SIDE_MULTIPLE, SizeRange, check_side, format_size
 
 from . import checkpoint
 from .modules import (
@@ -81,8 +81,7 @@ class ExportOptions:
 def validate_options(opts: ExportOptions) -> None:
     if opts.size_range is None:
         for side, value in (("height", opts.height), ("width", opts.width)):
-            if value <= 0 or value % 16:
-                raise UserError(f"--{side} {value} must be a positive multiple of 16")
+            check_side(value, f"--{side}")
     for name, prec in opts.precision.items():
         if name not in NETWORKS:
             raise UserError(f"unknown network '{name}' in the precision options (networks: {', '.join(NETWORKS)})")
@@ -356,7 +355,7 @@ def example_latent_hw(sizes: SizeRange) -> tuple[int, int]:
     size (16 channels, 64 caption rows, 1): the exporter would take equal example sizes for one symbol."""
     if sizes.is_single:
         return sizes.opt_height // LATENT_FACTOR, sizes.opt_width // LATENT_FACTOR
-    step = 16 // LATENT_FACTOR  # latent sides move in steps of 2 (one token)
+    step = SIDE_MULTIPLE // LATENT_FACTOR  # latent sides move in steps of 2 (one token)
     taken = {1, 16, 64}
     picks = []
     for lo, opt, hi in ((sizes.min_height, sizes.opt_height, sizes.max_height),

@@ -118,14 +118,6 @@ class SizeRange:
             and height % SIDE_MULTIPLE == 0
         )
 
-    def contains(self, other: "SizeRange") -> bool:
-        return (
-            self.min_height <= other.min_height
-            and other.max_height <= self.max_height
-            and self.min_width <= other.min_width
-            and other.max_width <= self.max_width
-        )
-
     def intersect(self, other: "SizeRange") -> "SizeRange | None":
         """The sizes both cover (opt: ours if it is among them, else theirs, else the smallest); None if none."""
         lo_h, hi_h = max(self.min_height, other.min_height), min(self.max_height, other.max_height)

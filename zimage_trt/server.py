@@ -222,9 +222,8 @@ class ImageService:
 
     def parse_size(self, size) -> tuple[int, int]:
         """'auto' (the opt size) or 'WIDTHxHEIGHT' within the served range; a 400 that states the range."""
-        from zimage_trt.runtime.sizes import SIDE_MULTIPLE, parse_size
+        from zimage_trt.runtime.sizes import parse_size
 
-        served = self.sizes.describe()
         if size is None or size == "auto":
             return self.sizes.opt
         try:
@@ -232,13 +231,12 @@ class ImageService:
         except UserError:
             width = None
         if width is None:
-            raise ApiError(400, f"'size' must be 'auto' or 'WIDTHxHEIGHT' such as '1024x1024'; served: {served}",
-                           "size", "invalid_size")
-        if width % SIDE_MULTIPLE or height % SIDE_MULTIPLE:
-            raise ApiError(400, f"size {size!r}: width and height must be multiples of {SIDE_MULTIPLE}; served: "
-                           f"{served}", "size", "unsupported_size")
-        if not self.sizes.covers(width, height):
-            raise ApiError(400, f"size {size!r} is outside the served range: {served}", "size", "unsupported_size")
+            raise ApiError(400, f"'size' must be 'auto' or 'WIDTHxHEIGHT' such as '1024x1024'; served: "
+                           f"{self.sizes.describe()}", "size", "invalid_size")
+        try:
+            self.sizes.check(width, height, "the served range")  # off the 16-pixel grid or out of range
+        except UserError as exc:
+            raise ApiError(400, str(exc), "size", "unsupported_size") from None
         return width, height
 
     def sizes_info(self) -> dict:
