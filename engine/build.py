@@ -10,6 +10,9 @@ One code path for TensorRT and TensorRT-RTX (engine/trt_api.py holds the differe
    bundle gives engines of one fixed image shape.
 3. The plan is streamed to a temporary file and renamed into place, then its sidecar is written.
    TensorRT keeps a timing cache beside the engines; TensorRT-RTX takes compute-capability targets instead.
+
+One build at a time writes an engine folder (a lock beside it); what a killed build left there is removed by the
+next one, and the engines' size is checked against the free space before the first build starts.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zimage_trt.errors import UserError
+from zimage_trt.files import TargetLock, check_space, os_error_line, remove_debris, temp_path, writing
 from zimage_trt.runtime.bundle import NETWORKS, Bundle
 from zimage_trt.runtime.sizes import SizeRange, format_size
 
@@ -31,6 +35,7 @@ from .trt_api import RTX_UNSUPPORTED_CC, Flavour, gpu_info, load_flavour, rtx_ta
 
 BUILD_MEMORY_FACTOR = 3.0  # peak host memory of a build / weight bytes (measured: 6.7 GB for 2.2 GB fp16)
 BUILD_MEMORY_BASE = 1 << 30
+ENGINE_OVERHEAD_BYTES = 16 << 20  # kernels and tactics an engine holds beyond its weights
 TYPICAL_PROMPT_TOKENS = 128  # opt point of the caption profile: a one- or two-sentence prompt in its chat turn
 
 
@@ -248,10 +253,15 @@ def _stream_writer(flavour: Flavour, f):
             trt.IStreamWriter.__init__(self)
             self.sha = hashlib.sha256()
             self.n = 0
+            self.error: OSError | None = None  # the builder only sees "0 bytes written"; the cause is kept here
 
         def write(self, data):
             view = memoryview(data)
-            f.write(view)
+            try:
+                f.write(view)
+            except OSError as exc:
+                self.error = self.error or exc
+                return 0
             self.sha.update(view)
             self.n += view.nbytes
             return view.nbytes
@@ -312,12 +322,14 @@ class _Builder:
             config.add_optimization_profile(profile)
         bar.set_description(f"{name}: building")
         engine = sidecar.engine_path(self.out, name)
-        tmp = engine.with_name(f".{engine.name}.tmp-{os.getpid()}")
+        tmp = temp_path(engine)
         try:
             with open(tmp, "wb") as f:
                 if hasattr(self.builder, "build_serialized_network_to_stream"):
                     writer = _stream_writer(self.flavour, f)
                     ok = self.builder.build_serialized_network_to_stream(network, config, writer)
+                    if writer.error is not None:
+                        raise writer.error
                     digest, size = writer.sha.hexdigest(), writer.n
                 else:  # TensorRT before 10.13
                     plan = self.builder.build_serialized_network(network, config)
@@ -333,6 +345,8 @@ class _Builder:
             # sidecar (rebuilt next time), never a sidecar that describes another engine.
             sidecar.sidecar_path(engine).unlink(missing_ok=True)
             os.replace(tmp, engine)
+        except OSError as exc:  # named as the user knows it: the engine, not its temporary file
+            raise UserError(os_error_line(exc, engine, "free space there or pass another --out")) from None
         finally:
             if tmp.exists():
                 tmp.unlink()
@@ -406,13 +420,23 @@ def build_engines(bundle_dir, out_dir, opts: BuildOptions | None = None) -> list
         for name, _ in todo:
             check_host_memory(name, bundle.network(name)["bytes"], available)
 
-    out.mkdir(parents=True, exist_ok=True)
-    builder = _Builder(flavour, bundle, out, opts, targets, cc_values, image)
-    for name, reason in todo:
-        with tqdm(total=1, unit="step", dynamic_ncols=True, leave=True) as bar:
-            result = builder.build(name, bar)
-            bar.set_description(f"{name}: built in {result.seconds:.1f} s")
-        result.reason = reason
-        results.append(result)
+    with TargetLock(out, "build"):
+        remove_debris(out)
+        # An engine holds the network's weights in their precision, as the ONNX file does, plus its kernels
+        # (measured: 12.36 GB for 12.3 GB of fp16 ONNX; 3-8 MB more than the ONNX for the tiny model's engines);
+        # a rebuilt engine is written beside the old one before replacing it.
+        need = sum(bundle.network(name)["bytes"] + ENGINE_OVERHEAD_BYTES for name, _ in todo)
+        if todo:
+            check_space(out if out.exists() else out.parent, need, f"writing the engines ({', '.join(n for n, _ in todo)})",
+                        "free space there or pass another --out")
+        with writing(out, "free space there or pass another --out"):  # an OSError: one line naming the file
+            out.mkdir(parents=True, exist_ok=True)
+            builder = _Builder(flavour, bundle, out, opts, targets, cc_values, image)
+            for name, reason in todo:
+                with tqdm(total=1, unit="step", dynamic_ncols=True, leave=True) as bar:
+                    result = builder.build(name, bar)
+                    bar.set_description(f"{name}: built in {result.seconds:.1f} s")
+                result.reason = reason
+                results.append(result)
     order = {n: i for i, n in enumerate(opts.networks)}
     return sorted(results, key=lambda r: order[r.network])

@@ -19,11 +19,10 @@ it. The checks here are plain functions of their inputs so they are tested witho
 from __future__ import annotations
 
 import json
-import os
-import secrets
 from pathlib import Path
 
 from zimage_trt.errors import UserError
+from zimage_trt.files import write_atomic
 from zimage_trt.runtime.sizes import SizeRange, format_size
 
 SIDECAR_FORMAT = "zimage-trt-engine"
@@ -36,20 +35,6 @@ def engine_path(engines_dir: Path, network: str) -> Path:
 
 def sidecar_path(engine: Path) -> Path:
     return engine.with_name(engine.name + ".json")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write through a temporary file of this call's own (two threads of a process may write the same path)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_sidecar(engine: Path, meta: dict) -> None:

@@ -9,8 +9,10 @@
       tokenizer/             tokenizer.json and chat_template.jinja
       scheduler.json         FlowMatch Euler parameters
 
-The bundle is built in a hidden sibling folder and renamed into place at the end, so an interrupted export
-leaves nothing that looks like a bundle.
+The bundle is built in a hidden sibling folder (.BUNDLE.partial-PID) and renamed into place at the end, so an
+interrupted export leaves nothing that looks like a bundle; the next export to the same folder removes what a
+killed one left (zimage_trt/files.py). Before anything is written, the bundle's size is estimated from the
+checkpoint's headers and compared with the free space.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 from zimage_trt.errors import UserError
+from zimage_trt.files import TargetLock, check_space, os_error_line, remove_debris, temp_path
 from zimage_trt.runtime.sizes import LATENT_FACTOR, SIDE_MULTIPLE, SizeRange, check_side, format_size
 
 from . import checkpoint
@@ -176,6 +179,7 @@ class _Exporter:
         self.checks: list[CheckResult] = []
         self.networks: dict[str, dict] = {}
         self.extra: dict = {}
+        self.writing: Path | None = None  # the graph being written, for the message if the disk fills up
 
     def step(self, text: str) -> None:
         self.progress.set_description(text)
@@ -188,6 +192,7 @@ class _Exporter:
         only when a check runs). `dim_names` renames the exporter's dynamic dims (e.g. '2*h_tokens')."""
         path = self.work / f"{name}.onnx"
         self.step(f"{name}: exporting ({prec})")
+        self.writing = path
         export_onnx(module, export_inputs, path, dynamic, self.opts.opset)
         if dim_names:
             rename_dims(path, dim_names)
@@ -371,22 +376,45 @@ def example_latent_hw(sizes: SizeRange) -> tuple[int, int]:
     return picks[0], picks[1]
 
 
+# component folder of the checkpoint that each network is exported from
+SOURCE_COMPONENT = {"text_encoder": "text_encoder", "transformer": "transformer", "vae_decoder": "vae"}
+
+
+def estimate_bundle_bytes(model_dir: Path, precision: dict) -> int:
+    """Bytes the bundle will take: each network's weights in its export precision, and the tokenizer (the VAE's
+    encoder is counted though only the decoder is exported: a few tens of MB of margin)."""
+    weights = sum(
+        checkpoint.weight_count(model_dir, SOURCE_COMPONENT[net]) * DTYPES[precision[net]].itemsize
+        for net in NETWORKS
+    )
+    return weights + sum(f.stat().st_size for f in (Path(model_dir) / "tokenizer").iterdir() if f.is_file())
+
+
 def export_bundle(model_dir, out, opts: ExportOptions | None = None, progress=None) -> dict:
     """Export the three networks of `model_dir` into the bundle folder `out`; returns the manifest."""
-    from tqdm import tqdm
-
     opts = opts or ExportOptions()
     validate_options(opts)
     model_dir = checkpoint.check_layout(model_dir).resolve()
     out = Path(out)
     if out.exists() and not opts.force:
         raise UserError(f"{out} already exists; pass --force to replace it")
-    work = out.parent / f".{out.name}.partial-{os.getpid()}"
+    with TargetLock(out, "export"):
+        remove_debris(out.parent, {out.name})
+        need = estimate_bundle_bytes(model_dir, opts.precision)
+        check_space(out.parent, need, f"writing the bundle {out}", "free space there or pass another --out")
+        return _export_to(model_dir, out, opts, progress)
+
+
+def _export_to(model_dir: Path, out: Path, opts: ExportOptions, progress) -> dict:
+    from tqdm import tqdm
+
+    work = temp_path(out, "partial")
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     own_bar = progress is None
     progress = progress or tqdm(total=7, unit="step", dynamic_ncols=True)
+    exporter = None
     try:
+        work.mkdir(parents=True)
         scheduler = _scheduler_params(model_dir)
         _copy_tokenizer(model_dir, work / "tokenizer")
         (work / "scheduler.json").write_text(json.dumps(scheduler, indent=2) + "\n")
@@ -395,35 +423,10 @@ def export_bundle(model_dir, out, opts: ExportOptions | None = None, progress=No
         exporter.text_encoder()
         exporter.transformer()
         exporter.vae_decoder()
-        x = exporter.extra
-        manifest = {
-            "format": BUNDLE_FORMAT,
-            "version": BUNDLE_VERSION,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "source": str(model_dir),
-            # height/width/latent_shape: the default (opt) size, as version 1 recorded its one size
-            "height": opts.sizes.opt_height,
-            "width": opts.sizes.opt_width,
-            "latent_shape": [1, x["vae_config"]["latent_channels"], opts.sizes.opt_height // 8, opts.sizes.opt_width // 8],
-            "image_sizes": {"dynamic": not opts.sizes.is_single, **opts.sizes.to_dict()},
-            "caption_dim": x["caption_dim"],
-            "max_caption_tokens": MAX_CAPTION_TOKENS,
-            "caption_multiple": SEQ_MULTIPLE,
-            "opset": opts.opset,
-            "networks": exporter.networks,
-            "scheduler": scheduler,
-            "tokenizer": {"dir": "tokenizer", "max_length": MAX_CAPTION_TOKENS},
-            "config": {
-                "transformer": x["transformer_config"],
-                "text_encoder": x["text_encoder_config"],
-                "vae": x["vae_config"],
-            },
-            "fp16_calibration": {"peaks": x.get("fp16_peaks"), "rescaled_blocks": x.get("fp16_rescaled_blocks")},
-            "checks": [c.__dict__ for c in exporter.checks],
-        }
+        manifest = _manifest(model_dir, opts, exporter, scheduler)
         (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            old = temp_path(out, "old")
             os.replace(out, old)
             os.replace(work, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -431,9 +434,43 @@ def export_bundle(model_dir, out, opts: ExportOptions | None = None, progress=No
             os.replace(work, out)
         progress.set_description("export done")
         return manifest
+    except OSError as exc:
+        shutil.rmtree(work, ignore_errors=True)
+        # named as the user will know it: the file in --out (it is written in the partial folder beside it)
+        where = out / exporter.writing.relative_to(work) if exporter and exporter.writing else out
+        raise UserError(os_error_line(exc, where, "free space there or pass another --out")) from None
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     finally:
         if own_bar:
             progress.close()
+
+
+def _manifest(model_dir: Path, opts: ExportOptions, exporter: _Exporter, scheduler: dict) -> dict:
+    x = exporter.extra
+    return {
+        "format": BUNDLE_FORMAT,
+        "version": BUNDLE_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": str(model_dir),
+        # height/width/latent_shape: the default (opt) size, as version 1 recorded its one size
+        "height": opts.sizes.opt_height,
+        "width": opts.sizes.opt_width,
+        "latent_shape": [1, x["vae_config"]["latent_channels"], opts.sizes.opt_height // 8, opts.sizes.opt_width // 8],
+        "image_sizes": {"dynamic": not opts.sizes.is_single, **opts.sizes.to_dict()},
+        "caption_dim": x["caption_dim"],
+        "max_caption_tokens": MAX_CAPTION_TOKENS,
+        "caption_multiple": SEQ_MULTIPLE,
+        "opset": opts.opset,
+        "networks": exporter.networks,
+        "scheduler": scheduler,
+        "tokenizer": {"dir": "tokenizer", "max_length": MAX_CAPTION_TOKENS},
+        "config": {
+            "transformer": x["transformer_config"],
+            "text_encoder": x["text_encoder_config"],
+            "vae": x["vae_config"],
+        },
+        "fp16_calibration": {"peaks": x.get("fp16_peaks"), "rescaled_blocks": x.get("fp16_rescaled_blocks")},
+        "checks": [c.__dict__ for c in exporter.checks],
+    }

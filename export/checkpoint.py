@@ -68,8 +68,9 @@ def _read_json(component: str, path: Path):
         raise UserError(f"component '{component}': {path.name} is not valid JSON ({exc})") from None
 
 
-def _check_safetensors(component: str, path: Path) -> None:
-    """Read the header and check the file holds every byte it promises: catches truncated downloads early."""
+def _check_safetensors(component: str, path: Path) -> dict:
+    """Read the header and check the file holds every byte it promises: catches truncated downloads early.
+    Returns the header (name -> dtype, shape, offsets)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -83,6 +84,22 @@ def _check_safetensors(component: str, path: Path) -> None:
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise UserError(f"component '{component}': {path.name} is truncated ({size} of {8 + n + end} bytes)")
+    return header
+
+
+def weight_count(model_dir: str | Path, component: str) -> int:
+    """Number of weights (elements) in a component's safetensors files, from their headers alone; what an
+    export of it writes is this times the bytes of its precision."""
+    folder = Path(model_dir) / component
+    total = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        for name, info in _check_safetensors(component, path).items():
+            if name != "__metadata__":
+                count = 1
+                for d in info["shape"]:
+                    count *= d
+                total += count
+    return total
 
 
 def _check_file(component: str, path: Path) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from zimage_trt.errors import UserError
+from zimage_trt.files import remove_debris, write_atomic, writing
 
 from .bundle import Bundle
 from .scheduler import Schedule, flow_match_schedule
@@ -304,12 +304,17 @@ class ZImageRuntime:
 
 
 def save_png(pixels: np.ndarray, path) -> None:
-    """Write an HxWx3 uint8 array as PNG, atomically (a temp file renamed into place)."""
+    """Write an HxWx3 uint8 array as PNG, atomically (a temp file renamed into place). A full disk or an
+    unwritable folder is one line, and no temp file is left; one left by a killed run is removed first."""
+    import io
+
     from PIL import Image
 
     path = Path(path)
     if path.parent and not path.parent.exists():
         raise UserError(f"cannot write {path}: folder {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    Image.fromarray(pixels).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    remove_debris(path.parent, {path.name})
+    with writing(path, "free space there or pass another --out"):
+        write_atomic(path, buf.getvalue())

@@ -4,6 +4,7 @@ TensorRT-RTX compiles kernels for the GPU it runs on at first use and keeps them
 disk, the next process starts warm. The file is read once when the session opens (a cache from another GPU,
 driver or library version is refused by `deserialize`: logged once, the cache starts empty and the next save
 replaces the file), and written when a new shape's kernels were compiled, when the session closes and at exit.
+A save that fails is a warning line: the cache only saves compile time.
 
 Saving is safe from several threads (the server's worker and the exit hook): one lock per file, and each write goes
 through a temporary file of its own that is renamed into place. The exit hook holds the caches weakly, so it never
@@ -18,7 +19,7 @@ import threading
 import weakref
 from pathlib import Path
 
-from zimage_trt.engine.sidecar import write_atomic
+from zimage_trt.files import os_error_line, remove_debris, write_atomic
 
 log = logging.getLogger("zimage_trt")
 
@@ -31,6 +32,7 @@ class RuntimeCacheFile:
 
     def load(self) -> bool:
         """Read the file into the cache; False (and an empty cache) if there is none or it was refused."""
+        remove_debris(self.path.parent, {self.path.name})  # temp files of a process killed while saving
         if not self.path.is_file():
             return False
         if self.cache.deserialize(self.path.read_bytes()):
@@ -39,9 +41,17 @@ class RuntimeCacheFile:
         self.cache.reset()
         return False
 
-    def save(self) -> None:
+    def save(self) -> bool:
+        """Write the cache; a write that fails (full disk, read-only folder) is one warning line, never an error:
+        the cache only saves compile time, and a request or an exit must not fail for it."""
         with self.lock:
-            write_atomic(self.path, bytes(memoryview(self.cache.serialize())))
+            try:
+                write_atomic(self.path, bytes(memoryview(self.cache.serialize())))
+                return True
+            except OSError as exc:
+                log.warning("runtime cache not saved (the next start compiles its kernels again): %s",
+                            os_error_line(exc, self.path, "free space there"))
+                return False
 
 
 _SAVED_AT_EXIT: "weakref.WeakSet[RuntimeCacheFile]" = weakref.WeakSet()
@@ -57,9 +67,6 @@ def forget(cache_file: RuntimeCacheFile) -> None:
 
 @atexit.register
 def save_all() -> None:
-    """Save every cache still open; a write that fails is one warning line, never a traceback at exit."""
+    """Save every cache still open (a write that fails is one warning line, never a traceback at exit)."""
     for cache_file in list(_SAVED_AT_EXIT):
-        try:
-            cache_file.save()
-        except OSError as exc:
-            log.warning("could not save the runtime cache %s (%s)", cache_file.path, exc)
+        cache_file.save()

@@ -155,10 +155,7 @@ class TrtSession:
             return
         if self.runtime_cache is not None:
             forget(self.runtime_cache)
-            try:
-                self.runtime_cache.save()
-            except OSError as exc:
-                log.warning("%s: could not save the runtime cache %s (%s)", self.name, self.runtime_cache.path, exc)
+            self.runtime_cache.save()
         self.contexts.clear()  # contexts first: they use the engine and the runtime config
         self.shapes.clear()
         self.runtime_config = self.runtime_cache = None

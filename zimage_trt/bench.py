@@ -360,6 +360,7 @@ def format_table(results: dict) -> str:
 
 
 def save(results: dict, path) -> None:
-    from pathlib import Path
+    from zimage_trt.files import write_atomic, writing
 
-    Path(path).write_text(json.dumps(results, indent=2) + "\n")
+    with writing(path, "pass another --json"):
+        write_atomic(path, (json.dumps(results, indent=2) + "\n").encode())

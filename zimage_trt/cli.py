@@ -1,7 +1,7 @@
 """`zimage-trt`: the one command. Each subcommand is a small function; heavy imports happen inside it.
 
-Errors a user can fix print as one line (`error: ...`) with exit status 2; anything else is a bug and keeps
-its traceback.
+Errors a user can fix print as one line (`error: ...`) with exit status 2, and so does any OSError (a full disk,
+a read-only folder); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -468,6 +468,13 @@ def main(argv=None) -> int:
         args.func(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # The commands name the file and the fix where they write; this is the net for any other file error
+        # (a full disk, a read-only or unreadable folder): one line, never a traceback.
+        from zimage_trt.files import os_error_line
+
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
