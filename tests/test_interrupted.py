@@ -281,3 +281,14 @@ def test_the_runtime_cache_on_a_full_disk_is_one_warning_and_no_temp_file(small_
         assert cache.save() is False
     assert len(caplog.records) == 1 and "no space left on the device" in caplog.text
     assert hidden(small_fs) == []
+
+
+def test_a_png_left_by_a_killed_generate_is_removed_by_the_next(tmp_path):
+    import numpy as np
+
+    from zimage_trt.runtime.pipeline import save_png
+
+    left = tmp_path / f".y.png.tmp-{dead_pid()}"
+    left.write_bytes(b"\x89PNG half")
+    save_png(np.zeros((8, 8, 3), np.uint8), tmp_path / "y.png")
+    assert hidden(tmp_path) == [] and (tmp_path / "y.png").stat().st_size > 0
