@@ -7,7 +7,14 @@ recorded once per (image size, caption length, step count) in a CUDA graph and r
 constant work per image. The graphs live in a bounded LRU cache and share one memory pool: memory is bounded by
 the largest single loop, however many graphs are cached. The only host sync is reading the finished image back.
 
-Verbs, in the order `generate` calls them: use_size, tokenize, encode_prompt, init_latents, denoise, decode.
+Verbs, in the order `generate` calls them: use_size, tokenize, encode_prompt, encode_guidance, init_latents,
+denoise, decode.
+
+Classifier-free guidance (guidance scale > 0) runs each guided step as two batch-1 passes of the same engine,
+conditional and unconditional (the negative prompt, "" by default), combined as diffusers' ZImagePipeline does:
+pred = pos + g (pos - neg), optionally renormalised (cfg_normalization) and switched off on the steps past
+cfg_truncation. The doubled loop is recorded in a CUDA graph like the single one; the scale and the
+normalisation limit are device scalars, so one recording serves every scale.
 """
 
 from __future__ import annotations
@@ -32,6 +39,45 @@ from .tokenizer import PromptTokenizer
 log = logging.getLogger("zimage_trt")
 
 MAX_CUDA_GRAPHS = 16  # e.g. every padded caption length (512 / 32) at one size, or 4 lengths at 4 sizes
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance with diffusers' ZImagePipeline arguments (guidance_scale, negative_prompt,
+    cfg_normalization, cfg_truncation). scale <= 0 is no guidance: one pass per step, as in diffusers."""
+
+    scale: float = 0.0
+    negative_prompt: str = ""
+    normalization: float = 0.0  # > 0: |pred| is capped at normalization * |pos|
+    truncation: float = 1.0  # steps whose t_norm = (1000 - timestep) / 1000 exceeds it run unguided
+
+    def __post_init__(self):
+        for name in ("scale", "normalization", "truncation"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
+                raise UserError(f"guidance {name} must be a finite number, got {value!r}")
+
+    @property
+    def active(self) -> bool:
+        return self.scale > 0
+
+    def guided_steps(self, schedule: Schedule) -> tuple[bool, ...]:
+        """Which passes run guided (two transformer calls): all, less those past the truncation."""
+        if not self.active:
+            return (False,) * schedule.passes
+        if self.truncation > 1:  # diffusers only truncates for cfg_truncation <= 1
+            return (True,) * schedule.passes
+        return tuple(float(t) <= self.truncation for t in schedule.model_t)
+
+
+@dataclass(frozen=True)
+class GuidedRun:
+    """What a guided loop needs beyond the plan: the negative caption's padded length, the passes that are
+    guided, and whether the result is renormalised. The scale and limit are device scalars of the runtime."""
+
+    neg_lpad: int
+    guided: tuple[bool, ...]
+    normalize: bool
 
 
 @dataclass
@@ -79,6 +125,7 @@ class ZImageRuntime:
         self._plans: dict[int, Plan] = {}
         self._allocate()
         self.size: tuple[int, int] | None = None  # (width, height) the buffers' views are set for
+        self._current_size: tuple[int, int] | None = None
         self.use_size(*self.sizes.opt)
         self._plans[self.default_steps] = self._make_plan(self.default_steps, sigmas)
 
@@ -121,6 +168,23 @@ class ZImageRuntime:
         self._latents_store = torch.zeros(n_latent, dtype=torch.float32, device=dev)
         self._velocity_store = torch.zeros(n_latent, dtype=torch.float32, device=dev)
         self._image_store = torch.zeros(3 * height * width, dtype=torch.float32, device=dev)
+        self._neg_velocity_store = None  # guidance's buffers, allocated at its first use (see _guidance_buffers)
+        self.cfg_scale = torch.zeros((), dtype=torch.float32, device=dev)
+        self.cfg_limit = torch.zeros((), dtype=torch.float32, device=dev)
+
+    def _guidance_buffers(self) -> None:
+        """The unconditional caption and velocity, allocated once at the first guided generation."""
+        if self._neg_velocity_store is not None:
+            return
+        b, dev = self.bundle, self.device
+        self.neg_caption = torch.zeros(1, b.max_caption_tokens, b.caption_dim, dtype=torch.float32, device=dev)
+        self.neg_cap_len = torch.zeros(1, dtype=torch.int64, device=dev)
+        self._neg_velocity_store = torch.zeros_like(self._velocity_store)
+        self.size = None  # use_size sets the new view too
+        self.use_size(*self._size_or_opt())
+
+    def _size_or_opt(self) -> tuple[int, int]:
+        return self._current_size or self.sizes.opt
 
     def use_size(self, width: int, height: int) -> None:
         """Point latents, velocity and image at contiguous views of their storage for this size."""
@@ -131,8 +195,10 @@ class ZImageRuntime:
         n = int(np.prod(shape))
         self.latents = self._latents_store[:n].view(shape)
         self.velocity = self._velocity_store[:n].view(shape)
+        if self._neg_velocity_store is not None:
+            self.neg_velocity = self._neg_velocity_store[:n].view(shape)
         self.image = self._image_store[: 3 * height * width].view(1, 3, height, width)
-        self.size = (width, height)
+        self.size = self._current_size = (width, height)
 
     def _make_plan(self, steps: int, sigmas=None) -> Plan:
         sched = self.bundle.scheduler
@@ -161,16 +227,34 @@ class ZImageRuntime:
     def tokenize(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt)
 
-    def encode_prompt(self, ids: list[int]) -> int:
-        """Run the text encoder into the caption buffer; returns the padded caption length."""
+    def encode_prompt(self, ids: list[int], negative: bool = False) -> int:
+        """Run the text encoder into the caption buffer (the unconditional one for `negative`); returns the
+        padded caption length."""
         n = len(ids)
         if not 0 < n <= self.bundle.max_caption_tokens:
             raise UserError(f"a prompt must give 1..{self.bundle.max_caption_tokens} tokens, got {n}")
+        caption, cap_len = (self.neg_caption, self.neg_cap_len) if negative else (self.caption, self.cap_len)
         with self.on_stream():
             self.ids[0, :n].copy_(torch.tensor(ids, dtype=torch.int64), non_blocking=True)
-            self.text_encoder.run({"input_ids": self.ids[:, :n]}, {"features": self.caption[:, :n]})
-            self.cap_len.fill_(n)
+            self.text_encoder.run({"input_ids": self.ids[:, :n]}, {"features": caption[:, :n]})
+            cap_len.fill_(n)
         return self.bundle.padded_caption_length(n)
+
+    def encode_guidance(self, guidance: "Guidance | None", steps: int | None = None) -> "GuidedRun | None":
+        """Encode the negative prompt and set the guidance scalars; None when guidance is off (or off at every
+        step), and the loop is the plain one."""
+        if guidance is None or not guidance.active:
+            return None
+        guided = guidance.guided_steps(self.plan(steps).schedule)
+        if not any(guided):
+            return None
+        self._guidance_buffers()
+        ids = self.tokenizer.encode(guidance.negative_prompt, allow_empty=True)
+        neg_lpad = self.encode_prompt(ids, negative=True)
+        with self.on_stream():
+            self.cfg_scale.fill_(float(guidance.scale))
+            self.cfg_limit.fill_(float(guidance.normalization))
+        return GuidedRun(neg_lpad, guided, guidance.normalization > 0)
 
     def init_latents(self, seed: int) -> None:
         """The reference's initial noise at the current size: randn in float32, of the latent shape diffusers
@@ -188,19 +272,47 @@ class ZImageRuntime:
             "cap_len": self.cap_len,
         }
 
-    def _denoise_eager(self, lpad: int, plan: Plan) -> None:
+    def _neg_feeds(self, neg_lpad: int) -> dict:
+        return {
+            "latents": self.latents,
+            "timestep": self.timestep,
+            "cap_feats": self.neg_caption[:, :neg_lpad],
+            "cap_len": self.neg_cap_len,
+        }
+
+    def _denoise_eager(self, lpad: int, plan: Plan, cfg: "GuidedRun | None" = None) -> None:
         feeds, out = self._feeds(lpad), {"velocity": self.velocity}
-        for t_row, neg_dt in zip(plan.t_rows, plan.neg_dt_rows):
+        guided = cfg.guided if cfg is not None else (False,) * plan.schedule.passes
+        for t_row, neg_dt, guide in zip(plan.t_rows, plan.neg_dt_rows, guided):
             self.timestep.copy_(t_row)
             self.transformer.run(feeds, out)
+            if guide:
+                self.transformer.run(self._neg_feeds(cfg.neg_lpad), {"velocity": self.neg_velocity})
+                self._combine_guidance(cfg.normalize)
             # Euler: x + dt * (-v); sign flips are exact, so this equals the reference bit for bit.
             self.velocity.mul_(neg_dt)
             self.latents.add_(self.velocity)
 
-    def _graph_for(self, lpad: int, plan: Plan) -> "torch.cuda.CUDAGraph | None":
-        """The recorded loop for this size, caption length and plan; None if it cannot be recorded (then the
-        runtime warns once, counts it in `cuda_graph_failures`, and runs every loop eagerly from then on)."""
-        key = (self.size, lpad, plan.schedule.passes)
+    def _combine_guidance(self, normalize: bool) -> None:
+        """velocity <- pos + g (pos - neg), with neg in neg_velocity, as diffusers computes it; with
+        normalisation, scaled down where |pred| exceeds limit * |pos| (branch-free, so it can be recorded:
+        the factor is exactly 1 where diffusers leaves pred alone)."""
+        pos, neg = self.velocity, self.neg_velocity
+        if normalize:
+            pos_norm = torch.linalg.vector_norm(pos)
+        neg.sub_(pos).neg_()  # pos - neg (negation is exact)
+        neg.mul_(self.cfg_scale)
+        pos.add_(neg)
+        if normalize:
+            new_norm = torch.linalg.vector_norm(pos)
+            max_norm = pos_norm * self.cfg_limit
+            pos.mul_(torch.where(new_norm > max_norm, max_norm / new_norm, torch.ones_like(new_norm)))
+
+    def _graph_for(self, lpad: int, plan: Plan, cfg: "GuidedRun | None" = None) -> "torch.cuda.CUDAGraph | None":
+        """The recorded loop for this size, caption length, plan and guidance layout; None if it cannot be
+        recorded (then the runtime warns once, counts it in `cuda_graph_failures`, and runs every loop eagerly
+        from then on)."""
+        key = (self.size, lpad, plan.schedule.passes, cfg)
         graph = self._graphs.get(key)
         if graph is not None:
             self._graphs.move_to_end(key)
@@ -211,6 +323,8 @@ class ZImageRuntime:
         # One eager pass first: engines and kernels initialise lazily, and that must not land in the graph
         # (TensorRT: run once after a shape change before capturing, NVIDIA/TensorRT#3011).
         self.transformer.run(feeds, {"velocity": self.velocity})
+        if cfg is not None:
+            self.transformer.run(self._neg_feeds(cfg.neg_lpad), {"velocity": self.neg_velocity})
         torch.cuda.synchronize(self.device)
         capturable = getattr(self.transformer, "stream_capturable", None)
         if capturable is not None and not capturable(feeds, self.stream):
@@ -225,7 +339,7 @@ class ZImageRuntime:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self._graph_pool, stream=self.stream, capture_error_mode="thread_local"):
-                self._denoise_eager(lpad, plan)
+                self._denoise_eager(lpad, plan, cfg)
         except Exception as exc:  # noqa: BLE001 - the capture has ended; nothing it recorded has run
             graph.reset()
             self._stop_recording(f"CUDA graph capture failed ({type(exc).__name__}: {exc})")
@@ -242,12 +356,16 @@ class ZImageRuntime:
             self._evict_oldest_graph()
 
     def _evict_oldest_graph(self) -> None:
-        (size, lpad, _), graph = self._graphs.popitem(last=False)
+        (size, lpad, _, cfg), graph = self._graphs.popitem(last=False)
         graph.reset()  # frees the graph's executable now, not whenever Python collects it
         self.graphs_evicted += 1
         release = getattr(self.transformer, "release_shapes", None)
-        if release is not None and not any(k[:2] == (size, lpad) for k in self._graphs):
-            release(self._feed_shapes(size, lpad))  # no cached graph uses that shape's engine context any more
+        if release is None:
+            return
+        in_use = {(k[0], k[1]) for k in self._graphs} | {(k[0], k[3].neg_lpad) for k in self._graphs if k[3]}
+        for length in {lpad, cfg.neg_lpad} if cfg else {lpad}:
+            if (size, length) not in in_use:
+                release(self._feed_shapes(size, length))  # no cached graph uses that shape's context any more
 
     def _feed_shapes(self, size: tuple[int, int], lpad: int) -> dict[str, tuple]:
         return {
@@ -257,15 +375,15 @@ class ZImageRuntime:
             "cap_len": (1,),
         }
 
-    def denoise(self, lpad: int, steps: int | None = None) -> None:
-        """All transformer passes and Euler steps over self.latents, in place."""
+    def denoise(self, lpad: int, steps: int | None = None, cfg: "GuidedRun | None" = None) -> None:
+        """All transformer passes and Euler steps over self.latents, in place (guided where `cfg` says)."""
         plan = self.plan(steps)
         with self.on_stream():
-            graph = self._graph_for(lpad, plan) if self.use_cuda_graph else None
+            graph = self._graph_for(lpad, plan, cfg) if self.use_cuda_graph else None
             if graph is not None:
                 graph.replay()
             else:
-                self._denoise_eager(lpad, plan)
+                self._denoise_eager(lpad, plan, cfg)
 
     def decode(self) -> np.ndarray:
         """VAE decode of self.latents -> HxWx3 uint8, rounded as diffusers' numpy_to_pil rounds."""
@@ -275,14 +393,16 @@ class ZImageRuntime:
             return pixels.cpu().numpy()  # the one host sync of a generation
 
     def generate(
-        self, prompt: str, seed: int = 0, steps: int | None = None, size: tuple[int, int] | None = None
+        self, prompt: str, seed: int = 0, steps: int | None = None, size: tuple[int, int] | None = None,
+        guidance: Guidance | None = None,
     ) -> np.ndarray:
         """One image of `size` (width, height; default: the bundle's opt size) as HxWx3 uint8."""
         self.use_size(*(size or self.sizes.opt))
         ids = self.tokenize(prompt)
         lpad = self.encode_prompt(ids)
+        cfg = self.encode_guidance(guidance, steps)
         self.init_latents(seed)
-        self.denoise(lpad, steps)
+        self.denoise(lpad, steps, cfg)
         return self.decode()
 
 
@@ -298,7 +418,8 @@ class ZImageRuntime:
                 if close is not None:
                     close()
         for name in ("ids", "caption", "cap_len", "timestep", "latents", "velocity", "image",
-                     "_latents_store", "_velocity_store", "_image_store"):
+                     "_latents_store", "_velocity_store", "_image_store", "neg_caption", "neg_cap_len",
+                     "neg_velocity", "_neg_velocity_store", "cfg_scale", "cfg_limit"):
             setattr(self, name, None)
         self.size = None
 

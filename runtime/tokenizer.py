@@ -38,11 +38,12 @@ class PromptTokenizer:
             messages=[{"role": "user", "content": prompt}], add_generation_prompt=True, enable_thinking=True
         )
 
-    def encode(self, prompt: str, truncate: bool = True) -> list[int]:
-        """Token ids of the prompt in its chat turn, truncated to max_length as the reference does."""
+    def encode(self, prompt: str, truncate: bool = True, allow_empty: bool = False) -> list[int]:
+        """Token ids of the prompt in its chat turn, truncated to max_length as the reference does. An empty
+        prompt is a mistake, except as the negative prompt of guidance (diffusers' default is "")."""
         if not isinstance(prompt, str):
             raise UserError(f"the prompt must be a string, not {type(prompt).__name__}")
-        if not prompt.strip():
+        if not prompt.strip() and not allow_empty:
             raise UserError("the prompt is empty")
         try:
             prompt.encode("utf-8")

@@ -87,6 +87,24 @@ def test_torch_loop_in_a_cuda_graph_equals_the_eager_loop(tiny_model, fp32_bundl
     assert_graph_replays_the_eager_loop(bundle, sessions, [PROMPT, PROMPT])
 
 
+def test_the_guided_loop_in_a_cuda_graph_equals_the_eager_loop(tiny_model, fp32_bundle):
+    """Guidance's doubled loop (two passes per guided step, the combination, the renormalisation) is recorded like
+    the single one; one recording serves every scale, since the scale is a device scalar."""
+    from zimage_trt.runtime.pipeline import Guidance
+
+    bundle = Bundle.open(fp32_bundle)
+    dev = torch.device("cuda")
+    sessions = open_sessions("torch", bundle, dev, model_dir=tiny_model)
+    graph = ZImageRuntime(bundle, sessions, dev, cuda_graph=True)
+    eager = ZImageRuntime(bundle, sessions, dev, cuda_graph=False)
+    for scale in (1.5, 4.0):
+        for g in (Guidance(scale, "blurry"), Guidance(scale, "", normalization=1.0, truncation=0.6)):
+            graph.generate(PROMPT, 3, guidance=g)
+            eager.generate(PROMPT, 3, guidance=g)
+            assert torch.equal(graph.latents, eager.latents), g
+    assert graph.use_cuda_graph and len(graph._graphs) == 2  # two layouts, each recorded once for both scales
+
+
 # ---------------------------------------------------------------- sizes and caption lengths in recorded graphs
 def _prompt_of_tokens(rt, n_tokens_min: int) -> str:
     """A prompt whose chat-formatted ids pad to a caption length of at least n_tokens_min."""

@@ -71,6 +71,23 @@ def test_generation_is_the_runtimes_image(server, fp32_bundle):
     assert server.metric("zimage_stage_latency_seconds_count", stage="denoise") >= 2
 
 
+def test_guidance_fields_give_the_runtimes_guided_image(server, fp32_bundle):
+    import torch
+
+    from zimage_trt.runtime.bundle import Bundle
+    from zimage_trt.runtime.pipeline import Guidance, ZImageRuntime
+    from zimage_trt.sessions import open_sessions
+
+    status, _, body = server.post({"prompt": PROMPT, "seed": 5, "guidance_scale": 4.0,
+                                   "negative_prompt": "blurry", "cfg_truncation": 0.7})
+    assert status == 200, body
+    bundle = Bundle.open(fp32_bundle)
+    rt = ZImageRuntime(bundle, open_sessions("onnxruntime", bundle, torch.device("cpu")))
+    guided = rt.generate(PROMPT, 5, guidance=Guidance(4.0, "blurry", truncation=0.7))
+    assert np.array_equal(decode(body["data"][0]), guided)
+    assert not np.array_equal(guided, rt.generate(PROMPT, 5))
+
+
 def test_a_prompt_over_512_tokens_is_truncated_as_the_reference_does(server):
     status, _, body = server.post({"prompt": "many words in a very long caption " * 150, "seed": 0})
     assert status == 200
@@ -97,6 +114,13 @@ def test_a_prompt_over_512_tokens_is_truncated_as_the_reference_does(server):
         ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps", "from 1 to 50"),
         ({"prompt": "x", "num_inference_steps": 500}, "num_inference_steps", "from 1 to 50"),
         ([1, 2], None, "JSON object"),
+        ({"prompt": "x", "guidance_scale": -1}, "guidance_scale", "from 0 to 30"),
+        ({"prompt": "x", "guidance_scale": "4"}, "guidance_scale", "must be a number"),
+        ({"prompt": "x", "guidance_scale": 1e9}, "guidance_scale", "from 0 to 30"),
+        ({"prompt": "x", "guidance_scale": 4, "negative_prompt": 7}, "negative_prompt", "must be a string"),
+        ({"prompt": "x", "guidance_scale": 4, "negative_prompt": "\ud800"}, "negative_prompt", "not valid Unicode"),
+        ({"prompt": "x", "guidance_scale": 4, "cfg_normalization": -1}, "cfg_normalization", "from 0 to 10"),
+        ({"prompt": "x", "guidance_scale": 4, "cfg_truncation": True}, "cfg_truncation", "must be a number"),
     ],
 )
 def test_bad_input_is_a_400_in_the_openai_shape_and_never_reaches_the_gpu(server, body, param, needle):

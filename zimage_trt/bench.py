@@ -77,12 +77,15 @@ class TimedSession:
         self.inner, self.clock = inner, clock
         self.name, self.device, self.precision = inner.name, inner.device, inner.precision
         self.capturable = False
-        self.last = None
+        self.timers: list = []  # one per run since the caller last cleared it (guidance encodes two prompts)
 
     def run(self, inputs, outputs) -> None:
         begin = self.clock.start()
         self.inner.run(inputs, outputs)
-        self.last = self.clock.stop(begin)
+        self.timers.append(self.clock.stop(begin))
+
+    def total_ms(self) -> float:
+        return sum(t() for t in self.timers)
 
 
 def matmul_rate(device: torch.device) -> tuple[float, str]:
@@ -178,8 +181,9 @@ def bench_diffusers(model_dir, prompt, seed, height, width, steps, device, dtype
     return result
 
 
-def bench_runtime(bundle, sessions: dict, prompt, seed, device, warmup, iters, size) -> dict:
-    """The runtime's verbs timed one by one; the same calls `generate` makes, in the same order."""
+def bench_runtime(bundle, sessions: dict, prompt, seed, device, warmup, iters, size, guidance=None) -> dict:
+    """The runtime's verbs timed one by one; the same calls `generate` makes, in the same order. With
+    `guidance`, the text encoder stage encodes both prompts and each guided step is two passes."""
     from zimage_trt.runtime.pipeline import ZImageRuntime
 
     clock = Clock(device)
@@ -189,15 +193,18 @@ def bench_runtime(bundle, sessions: dict, prompt, seed, device, warmup, iters, s
     clock.stream = rt.stream  # the runtime's work runs on its own stream: time it there
     samples = Samples(device)
     for i in range(warmup + iters):
+        te.timers.clear()
+        vae.timers.clear()
         clock.sync()
         t0 = time.perf_counter()
         samples.begin_stage()
         lpad = rt.encode_prompt(rt.tokenize(prompt))
+        cfg = rt.encode_guidance(guidance)
         samples.end_stage("text encoder")
         rt.init_latents(seed)
         samples.begin_stage()
         begin = clock.start()
-        rt.denoise(lpad)
+        rt.denoise(lpad, cfg=cfg)
         denoise = clock.stop(begin)
         samples.end_stage("all passes")
         samples.begin_stage()
@@ -206,7 +213,7 @@ def bench_runtime(bundle, sessions: dict, prompt, seed, device, warmup, iters, s
         wall = (time.perf_counter() - t0) * 1e3
         if i < warmup:
             continue
-        t_te, t_all, t_vae = te.last(), denoise(), vae.last()
+        t_te, t_all, t_vae = te.total_ms(), denoise(), vae.total_ms()
         samples.add("text encoder", t_te)
         samples.add("all passes", t_all)
         samples.add("VAE decode", t_vae)
@@ -225,7 +232,8 @@ def bench_runtime(bundle, sessions: dict, prompt, seed, device, warmup, iters, s
         clock.sync()
         if i >= warmup:
             samples.add("transformer x1", one())
-    result = {"stages": samples.summary(), "passes": rt.schedule.passes, "lpad": lpad, "cuda_graph": rt.use_cuda_graph}
+    passes = rt.schedule.passes + (sum(cfg.guided) if cfg else 0)
+    result = {"stages": samples.summary(), "passes": passes, "lpad": lpad, "cuda_graph": rt.use_cuda_graph}
     rt.close(sessions=False)  # the caller closes the sessions
     return result
 
@@ -263,8 +271,10 @@ def available_backends(requested: list[str], device: torch.device, engines) -> t
 
 
 def run_bench(
-    model_dir, bundle_dir, backends, engines, device, prompt, seed, warmup, iters, diffusers=True, size=None
+    model_dir, bundle_dir, backends, engines, device, prompt, seed, warmup, iters, diffusers=True, size=None,
+    guidance=None,
 ) -> dict:
+    """With `guidance`, each runtime backend is measured twice, without and with it, to show what it costs."""
     from zimage_trt.export.configs import dit_flops_per_pass
     from zimage_trt.runtime.bundle import Bundle
     from zimage_trt.sessions import open_sessions
@@ -300,6 +310,10 @@ def run_bench(
         r = bench_runtime(bundle, sessions, prompt, seed, device, warmup, iters, (width, height))
         r["memory"] = _memory_end(device, base)
         results["systems"][f"runtime {backend} ({precision})"] = r
+        if guidance is not None:
+            r = bench_runtime(bundle, sessions, prompt, seed, device, warmup, iters, (width, height), guidance)
+            r["memory"] = _memory_end(device, base)
+            results["systems"][f"runtime {backend} ({precision}) cfg {guidance.scale:g}"] = r
         for s in sessions.values():
             s.close()
         del sessions
@@ -333,7 +347,7 @@ def format_table(results: dict) -> str:
         f"{floor['transformer x1']:.3g} ms, end to end {floor['end to end']:.3g} ms",
         "",
     ]
-    head = ["system", "stage", "median ms", "p90 ms", "x floor", "peak GB", "device GB"]
+    head = ["system", "stage", "median ms", "p90 ms", "x floor", "peak GB", "device GB", "passes"]
     rows = [head]
     for system, r in results["systems"].items():
         mem = r.get("memory", {})
@@ -342,13 +356,16 @@ def format_table(results: dict) -> str:
             s = r["stages"].get(stage)
             if not s:
                 continue
-            ratio = f"{s['median_ms'] / floor[stage]:.2f}" if stage in floor else ""
+            # the floor of a system's loop is its own number of passes (guidance doubles the guided ones)
+            passes = r.get("passes", results.get("passes", 1))
+            stage_floor = floor["transformer x1"] * (passes if stage in ("all passes", "end to end") else 1)
+            ratio = f"{s['median_ms'] / stage_floor:.2f}" if stage in floor else ""
             if stage == "runtime overhead":
                 e2e = r["stages"]["end to end"]["median_ms"]
                 ratio = f"{100 * s['median_ms'] / e2e:.2f}% of e2e"
             peak = f"{s['peak_gb']:.1f}" if "peak_gb" in s else "-"
             rows.append([system, stage, f"{s['median_ms']:.2f}", f"{s['p90_ms']:.2f}", ratio, peak,
-                         mem_s if stage == "end to end" else ""])
+                         mem_s if stage == "end to end" else "", str(passes) if stage == "end to end" else ""])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     for k, r in enumerate(rows):
         lines.append("  ".join(r[i].ljust(widths[i]) for i in range(len(head))))

@@ -184,12 +184,27 @@ def cmd_generate(args) -> None:
     size = _one_size(args.size, bundle)
     bundle.sizes.check(*size, f"bundle {bundle.root}")  # before any session is opened
     sessions, device = _sessions(args, bundle)
+    guidance = _guidance(args)
     rt = ZImageRuntime(bundle, sessions, device, steps=args.steps, generator_device=args.generator_device)
     start = time.perf_counter()
-    pixels = rt.generate(args.prompt, args.seed, size=size)
+    pixels = rt.generate(args.prompt, args.seed, size=size, guidance=guidance)
     elapsed = time.perf_counter() - start
     save_png(pixels, args.out)
-    print(f"{args.out}: {size[0]}x{size[1]}, {rt.schedule.passes} passes, {args.backend}, {elapsed:.2f} s")
+    passes = rt.schedule.passes + (sum(guidance.guided_steps(rt.schedule)) if guidance else 0)
+    print(f"{args.out}: {size[0]}x{size[1]}, {passes} transformer passes, {args.backend}, {elapsed:.2f} s")
+
+
+def _guidance(args):
+    """--guidance-scale G [--negative-prompt TEXT --cfg-normalization C --cfg-truncation T]; None for G = 0."""
+    from zimage_trt.runtime.pipeline import Guidance
+
+    if args.guidance_scale < 0:
+        raise UserError(f"--guidance-scale must be 0 (off, the default) or positive, not {args.guidance_scale}")
+    if args.guidance_scale == 0:
+        if args.negative_prompt:
+            raise UserError("--negative-prompt needs --guidance-scale above 0 (with guidance 0 it has no effect)")
+        return None
+    return Guidance(args.guidance_scale, args.negative_prompt or "", args.cfg_normalization, args.cfg_truncation)
 
 
 # ------------------------------------------------------------------------------------------ parity
@@ -204,7 +219,8 @@ def cmd_parity(args) -> None:
     backend = "tensorrt" if args.engines else args.backend
     args.backend = backend
     sessions, device = _sessions(args, bundle)
-    _report_parity(run_parity(args.model, bundle, sessions, backend, args.prompt, args.seed, device, sizes))
+    _report_parity(run_parity(args.model, bundle, sessions, backend, args.prompt, args.seed, device, sizes,
+                              guidance=_guidance(args)))
 
 
 def _report_parity(rows) -> None:
@@ -227,6 +243,7 @@ def cmd_bench(args) -> None:
     results = run_bench(
         args.model, args.bundle, backends, args.engines, device, args.prompt, args.seed, args.warmup, args.iters,
         diffusers=not args.no_diffusers, size=_size_list(args.size, "--size")[0] if args.size else None,
+        guidance=_guidance(args),
     )
     table = format_table(results)
     results["table"] = table
@@ -375,6 +392,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="show the builder's log")
     p.set_defaults(func=cmd_build)
 
+    def guidance_args(p):
+        p.add_argument("--guidance-scale", type=float, default=0.0, metavar="G",
+                       help="classifier-free guidance: 0 (default; Z-Image-Turbo is distilled for it) or G > 0, "
+                       "which runs two transformer passes per step (conditional and negative), as diffusers does")
+        p.add_argument("--negative-prompt", help="with --guidance-scale: what to steer away from (default: empty)")
+        p.add_argument("--cfg-normalization", type=float, default=0.0, metavar="C",
+                       help="with --guidance-scale: cap the guided prediction's norm at C times the conditional "
+                       "one's (diffusers' cfg_normalization; default 0: off)")
+        p.add_argument("--cfg-truncation", type=float, default=1.0, metavar="T",
+                       help="with --guidance-scale: no guidance on steps whose normalised time exceeds T "
+                       "(diffusers' cfg_truncation; default 1.0: guidance on every step)")
+
     def runtime_args(p):
         p.add_argument("--bundle", required=True, help="bundle folder made by `zimage-trt export`")
         p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"),
@@ -393,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", metavar="WxH", help="image WIDTHxHEIGHT within the bundle's range (default: its opt size)")
     p.add_argument("--generator-device", default="cpu", choices=("cpu", "cuda"),
                    help="where the initial noise is drawn; diffusers gives the same image for the same choice")
+    guidance_args(p)
     p.add_argument("--out", required=True, help="PNG file to write")
     p.set_defaults(func=cmd_generate)
 
@@ -405,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--size", metavar="WxH,...", help="image sizes to check, e.g. 1024x1024,1536x1024 (default: the "
                    "bundle's opt size)")
+    guidance_args(p)
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser(
@@ -426,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-diffusers", action="store_true", help="skip diffusers' pipeline")
     p.add_argument("--size", metavar="WxH", help="image size to measure (default: the bundle's opt size)")
+    guidance_args(p)
     p.add_argument("--json", help="also write the results as JSON here")
     p.set_defaults(func=cmd_bench)
 

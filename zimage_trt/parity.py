@@ -69,9 +69,10 @@ def _compare(stage, backend, precision, got: torch.Tensor, want: torch.Tensor) -
     return Row(stage, backend, precision, *error_of(got, want), NETWORK_BOUND[precision])
 
 
-def reference_images(model_dir, prompt: str, seed: int, sizes, steps: int = 9, device="cpu") -> dict:
+def reference_images(model_dir, prompt: str, seed: int, sizes, steps: int = 9, device="cpu", guidance=None) -> dict:
     """{(width, height): diffusers' ZImagePipeline image in float32, as 8-bit HxWx3} (noise drawn on the CPU, as
-    the runtime's default), one pipeline load for all sizes."""
+    the runtime's default), one pipeline load for all sizes; `guidance` (a runtime Guidance) as diffusers'
+    guidance_scale, negative_prompt, cfg_normalization and cfg_truncation."""
     from zimage_trt.export.checkpoint import load_pipeline
 
     pipe = load_pipeline(model_dir, torch.float32, device)
@@ -83,7 +84,7 @@ def reference_images(model_dir, prompt: str, seed: int, sizes, steps: int = 9, d
             height=height,
             width=width,
             num_inference_steps=steps,
-            guidance_scale=0.0,
+            **guidance_kwargs(guidance),
             generator=torch.Generator("cpu").manual_seed(seed),
             output_type="np",
         ).images[0]
@@ -92,8 +93,21 @@ def reference_images(model_dir, prompt: str, seed: int, sizes, steps: int = 9, d
     return images
 
 
+def guidance_kwargs(guidance) -> dict:
+    """diffusers' arguments for a runtime Guidance (None: no guidance, the Turbo default)."""
+    if guidance is None:
+        return {"guidance_scale": 0.0}
+    return {
+        "guidance_scale": guidance.scale,
+        # diffusers' default negative prompt is "" too; passing it keeps the two runs' inputs visibly equal
+        "negative_prompt": guidance.negative_prompt,
+        "cfg_normalization": guidance.normalization,
+        "cfg_truncation": guidance.truncation,
+    }
+
+
 def run_parity(
-    model_dir, bundle, sessions: dict, backend: str, prompt: str, seed: int, device="cpu", sizes=None
+    model_dir, bundle, sessions: dict, backend: str, prompt: str, seed: int, device="cpu", sizes=None, guidance=None
 ) -> list[Row]:
     """Rows for each network of `sessions` and for the end-to-end image, at each (width, height) of `sizes`
     (default: the bundle's opt size).
@@ -106,10 +120,10 @@ def run_parity(
     device = torch.device(device)
     sizes = list(sizes or [bundle.sizes.opt])
     with strict_fp32():
-        return _run_parity(model_dir, bundle, sessions, backend, prompt, seed, device, sizes)
+        return _run_parity(model_dir, bundle, sessions, backend, prompt, seed, device, sizes, guidance)
 
 
-def _run_parity(model_dir, bundle, sessions, backend, prompt, seed, device, sizes) -> list[Row]:
+def _run_parity(model_dir, bundle, sessions, backend, prompt, seed, device, sizes, guidance) -> list[Row]:
     from zimage_trt.export.reference import reference_modules
     from zimage_trt.runtime.pipeline import ZImageRuntime
     from zimage_trt.runtime.sizes import format_size
@@ -161,15 +175,16 @@ def _run_parity(model_dir, bundle, sessions, backend, prompt, seed, device, size
     del refs, ref_rt, want
     release_memory(device)
 
-    ours = {size: ours_rt.generate(prompt, seed, size=size) for size in sizes}
+    ours = {size: ours_rt.generate(prompt, seed, size=size, guidance=guidance) for size in sizes}
     ours_rt.close(sessions=False)  # the caller's sessions stay open
     steps = bundle.scheduler["default_steps"]
-    theirs = reference_images(model_dir, prompt, seed, sizes, steps, device)
+    theirs = reference_images(model_dir, prompt, seed, sizes, steps, device, guidance)
     release_memory(device)
     worst = min(prec.values(), key=IMAGE_BOUND_DB.get)  # the image is held to its least precise network
     for size in sizes:
         a, b = ours[size], theirs[size]
         diff = float(np.abs(a.astype(np.int32) - b.astype(np.int32)).max())
-        stage = f"image{label(size)} ({steps} steps)"
+        cfg = f", cfg {guidance.scale:g}" if guidance is not None and guidance.active else ""
+        stage = f"image{label(size)} ({steps} steps{cfg})"
         rows.append(Row(stage, backend, worst, diff, diff / 255, IMAGE_BOUND_DB[worst], psnr(a, b)))
     return rows

@@ -1,6 +1,7 @@
 """`zimage-trt serve`: an OpenAI-compatible image API around the runtime.
 
-    POST /v1/images/generations   {"prompt", "n", "size", "response_format": "b64_json", "seed", "num_inference_steps"}
+    POST /v1/images/generations   {"prompt", "n", "size", "response_format": "b64_json", "seed", "num_inference_steps",
+                                   "guidance_scale", "negative_prompt", "cfg_normalization", "cfg_truncation"}
     GET  /health                  200 once the engines are loaded and warmed (with the sizes served), 503 before
     GET  /metrics                 Prometheus: request latency, per-stage latency, queue depth, rejections
 
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from zimage_trt.errors import UserError
 
 MAX_SEED = 2**63 - 1
+MAX_GUIDANCE = 30.0  # far beyond any useful scale; a larger one is a client's mistake
 
 
 @dataclass
@@ -63,6 +65,7 @@ class Job:
     seeds: list[int]
     steps: int
     size: tuple[int, int]  # (width, height)
+    guidance: object  # runtime.pipeline.Guidance or None
     deadline: float
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
@@ -165,10 +168,11 @@ class ImageService:
         begin = clock.start()
         rt.use_size(*job.size)
         lpad = rt.encode_prompt(rt.tokenize(job.prompt))
+        cfg = rt.encode_guidance(job.guidance, job.steps)
         marks["text_encoder"] = clock.stop(begin)
         rt.init_latents(seed)
         begin = clock.start()
-        rt.denoise(lpad, job.steps)
+        rt.denoise(lpad, job.steps, cfg)
         marks["denoise"] = clock.stop(begin)
         begin = clock.start()
         pixels = rt.decode()  # syncs: every mark above is complete now
@@ -215,10 +219,40 @@ class ImageService:
             "n": n,
             "size": size,
             "steps": steps,
+            "guidance": self.parse_guidance(body),
             "seed": seed,
             "prompt_tokens": min(n_tokens, limit),
             "prompt_truncated": n_tokens > limit,
         }
+
+    def parse_guidance(self, body: dict):
+        """guidance_scale (default 0: none, the Turbo model's setting), negative_prompt, cfg_normalization and
+        cfg_truncation, as diffusers' ZImagePipeline takes them; None when guidance is off."""
+        from zimage_trt.runtime.pipeline import Guidance
+
+        def number(name, default, lo, hi):
+            value = body.get(name, default)
+            if value is None:
+                value = default
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+                raise ApiError(400, f"'{name}' must be a number from {lo:g} to {hi:g}", name, f"invalid_{name}")
+            return float(value)
+
+        scale = number("guidance_scale", 0.0, 0.0, MAX_GUIDANCE)
+        normalization = number("cfg_normalization", 0.0, 0.0, 10.0)
+        truncation = number("cfg_truncation", 1.0, 0.0, 1e9)
+        negative = body.get("negative_prompt", "")
+        if negative is None:
+            negative = ""
+        if not isinstance(negative, str):
+            raise ApiError(400, "'negative_prompt' must be a string", "negative_prompt", "invalid_negative_prompt")
+        if scale == 0.0:
+            return None
+        try:
+            self.runtime.tokenizer.encode(negative, allow_empty=True)
+        except UserError as exc:
+            raise ApiError(400, str(exc), "negative_prompt", "invalid_negative_prompt") from None
+        return Guidance(scale, negative, normalization, truncation)
 
     def parse_size(self, size) -> tuple[int, int]:
         """'auto' (the opt size) or 'WIDTHxHEIGHT' within the served range; a 400 that states the range."""
@@ -251,7 +285,7 @@ class ImageService:
             raise ApiError(503, "the server is not ready" if not self.draining else "the server is shutting down",
                            code="unavailable", kind="server_error")
         job = Job(req["prompt"], [req["seed"] + i for i in range(req["n"])], req["steps"], req["size"],
-                  time.monotonic() + self.opts.timeout_s, loop, loop.create_future())
+                  req["guidance"], time.monotonic() + self.opts.timeout_s, loop, loop.create_future())
         try:
             self.queue.put_nowait(job)
         except queue.Full:
