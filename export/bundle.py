@@ -74,6 +74,7 @@ class ExportOptions:
     fp16_scales: dict | None = None  # block -> {"attn": s, "ffn": s}; None: calibrate when the DiT is fp16
     calibration_prompts: list[str] | None = None
     calibration_steps: int = 9
+    loras: list = field(default_factory=list)  # [(original LoRA file, scale)] baked into the transformer
     force: bool = False
 
     @property
@@ -249,12 +250,18 @@ class _Exporter:
         del qwen, module
 
     def transformer(self) -> None:
-        from .fp16 import choose_scales, fold_rescale
+        from .fp16 import choose_scales, fold_rescale, fp16_divisors
+        from .weight_map import map_weights
 
         prec = self.opts.precision["transformer"]
         self.step("transformer: loading")
         dit = checkpoint.load_transformer(self.model_dir, torch.float32, self.device)
         self.extra["transformer_config"] = {k: v for k, v in dit.config.items() if not k.startswith("_")}
+        if self.opts.loras:
+            from .lora import bake_loras
+
+            self.step(f"transformer: baking {len(self.opts.loras)} LoRA(s)")
+            self.extra["loras"] = bake_loras(dit, self.opts.loras)
         scales = None
         if prec == "fp16":
             scales = self.opts.fp16_scales
@@ -289,6 +296,10 @@ class _Exporter:
             dim_names={"2*h_tokens": "latent_height", "2*w_tokens": "latent_width"},
         )
         self.networks["transformer"]["fp16_scales"] = scales
+        self.step("transformer: mapping weights to the graph (for LoRA)")
+        self.networks["transformer"]["weights"] = map_weights(
+            self.work / "transformer.onnx", module, divisors=fp16_divisors(scales)
+        )
         del dit, module
 
     def _image_dims(self, patch: int) -> dict | None:
@@ -318,6 +329,12 @@ class _Exporter:
         # move a scale by more than one step. fp32 on a CPU, where bf16 is slow.
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         pipe = checkpoint.load_pipeline(self.model_dir, dtype, self.device)
+        if self.opts.loras:  # calibrate what is exported: the weights with the LoRAs baked in
+            from .lora import bake_loras
+
+            pipe.transformer.float()
+            bake_loras(pipe.transformer, self.opts.loras)
+            pipe.transformer.to(dtype)
         # At the opt size: the peaks are per-channel activations, which grow little with the token count, and
         # the scales keep 16x headroom.
         width, height = self.opts.sizes.opt
@@ -398,6 +415,12 @@ def export_bundle(model_dir, out, opts: ExportOptions | None = None, progress=No
     out = Path(out)
     if out.exists() and not opts.force:
         raise UserError(f"{out} already exists; pass --force to replace it")
+    if opts.loras:  # a LoRA that does not fit is one line before anything is loaded or written
+        from .lora import check_fits, read_lora
+
+        shapes = {k: v for k, v in checkpoint.weight_shapes(model_dir, "transformer").items() if len(v) == 2}
+        for path, _ in opts.loras:
+            check_fits(read_lora(path), shapes, "the transformer", path)
     with TargetLock(out, "export"):
         remove_debris(out.parent, {out.name})
         need = estimate_bundle_bytes(model_dir, opts.precision)
@@ -472,5 +495,6 @@ def _manifest(model_dir: Path, opts: ExportOptions, exporter: _Exporter, schedul
             "vae": x["vae_config"],
         },
         "fp16_calibration": {"peaks": x.get("fp16_peaks"), "rescaled_blocks": x.get("fp16_rescaled_blocks")},
+        "loras": x.get("loras", []),  # baked into the transformer: name, sha256, scale of each
         "checks": [c.__dict__ for c in exporter.checks],
     }

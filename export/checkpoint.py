@@ -87,6 +87,16 @@ def _check_safetensors(component: str, path: Path) -> dict:
     return header
 
 
+def weight_shapes(model_dir: str | Path, component: str) -> dict[str, list[int]]:
+    """{parameter name: shape} of a component, from its safetensors headers alone (nothing is loaded)."""
+    shapes = {}
+    for path in sorted((Path(model_dir) / component).glob("*.safetensors")):
+        for name, info in _check_safetensors(component, path).items():
+            if name != "__metadata__":
+                shapes[name] = list(info["shape"])
+    return shapes
+
+
 def weight_count(model_dir: str | Path, component: str) -> int:
     """Number of weights (elements) in a component's safetensors files, from their headers alone; what an
     export of it writes is this times the bytes of its precision."""

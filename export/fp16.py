@@ -74,3 +74,14 @@ def fold_rescale(transformer, scales: dict[str, dict[str, float]]) -> int:
             block.ffn_norm2.eps = block.ffn_norm2.eps / s["ffn"] ** 2
         changed += s["attn"] != 1.0 or s["ffn"] != 1.0
     return changed
+
+
+def fp16_divisors(scales: dict | None) -> dict[str, float]:
+    """The weights `fold_rescale` divides, by parameter name, and by what (a LoRA delta on them is divided too)."""
+    out = {}
+    for block, s in (scales or {}).items():
+        if s["attn"] != 1.0:
+            out[f"{block}.attention.to_out.0.weight"] = s["attn"]
+        if s["ffn"] != 1.0:
+            out[f"{block}.feed_forward.w3.weight"] = s["ffn"]
+    return out

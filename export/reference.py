@@ -27,8 +27,10 @@ def reference_modules(model_dir, dtype=torch.float32, device="cpu", fp16_scales:
         dit = checkpoint.load_transformer(model_dir, dtype, device)
     vae_dtype = torch.bfloat16 if dtype == torch.float16 else dtype  # the Flux VAE overflows in fp16
     vae = checkpoint.load_vae(model_dir, vae_dtype, device)
+    transformer = DiTForExport(dit, dtype, inplace=True).to(device)
+    transformer.fp16_folded = dtype == torch.float16 and bool(fp16_scales)  # a LoRA delta is rescaled alike
     return {
         "text_encoder": TextEncoderForExport(qwen, dtype),
-        "transformer": DiTForExport(dit, dtype, inplace=True).to(device),
+        "transformer": transformer,
         "vae_decoder": VaeDecoderForExport(vae, vae_dtype),
     }

@@ -33,14 +33,38 @@ class OrtSession:
                 )
             providers = ["CPUExecutionProvider"]
             self.ort_device = ("cpu", 0)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.path, self.providers, self.threads = path, providers, threads
+        self.overrides: dict = {}  # initializer name -> OrtValue replacing it (LoRA); kept alive with the session
+        self._open()
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def _open(self) -> None:
+        ort = require("onnxruntime", "pip install onnxruntime")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        for name, value in self.overrides.items():
+            options.add_initializer(name, value)
+        self.session = ort.InferenceSession(str(self.path), options, providers=self.providers)
         self.binding = self.session.io_binding()
+
+    # LoRA (runtime/lora.py): weights are the graph's initializers, replaced by rebuilding the session
+    def weight_key(self, name: str, entry: dict) -> tuple[str, bool, float]:
+        return entry["initializer"], entry["transposed"], entry["divisor"]
+
+    def base_weights(self, keys) -> dict:
+        from .lora import read_initializers
+
+        return read_initializers(self.path, keys)
+
+    def set_weights(self, values: dict) -> None:
+        """Run with these initializers replaced and every other one as the file has it (so {} is the base,
+        exactly): one session rebuild."""
+        ort = require("onnxruntime", "pip install onnxruntime")
+        self.overrides = {k: ort.OrtValue.ortvalue_from_numpy(v.cpu().numpy()) for k, v in values.items()}
+        self._open()
 
     def close(self) -> None:
         """Drop the onnxruntime session and its bindings."""

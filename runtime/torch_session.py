@@ -21,9 +21,34 @@ class TorchSession:
         self.input_names = list(module.input_names)
         self.output_names = list(module.output_names)
 
+        self._base: dict[str, torch.Tensor] = {}  # parameters a LoRA changed, as they were (to restore exactly)
+        self.weights_in_place = True  # set_weights copies into the same storage: recorded CUDA graphs stay valid
+
     def close(self) -> None:
         """Drop the module (its weights go once nothing else holds them)."""
         self.module = None
+        self._base = {}
+
+    # LoRA (runtime/lora.py): weights are the module's parameters, changed in place
+    def weight_key(self, name: str, entry: dict) -> tuple[str, bool, float]:
+        # The module is rescaled for FP16 exactly as the graph only when it was built folded (fp16 with scales).
+        folded = getattr(self.module, "fp16_folded", False)
+        return f"transformer.{name}", False, entry["divisor"] if folded else 1.0
+
+    def base_weights(self, keys) -> dict:
+        params = dict(self.module.named_parameters())
+        return {k: self._base.get(k, params[k].detach()) for k in keys}
+
+    @torch.no_grad()
+    def set_weights(self, values: dict) -> None:
+        """These parameters take these values; every other one changed before goes back to its base, bit for bit."""
+        params = dict(self.module.named_parameters())
+        for key in [k for k in self._base if k not in values]:
+            params[key].copy_(self._base.pop(key))
+        for key, value in values.items():
+            if key not in self._base:
+                self._base[key] = params[key].detach().clone()
+            params[key].copy_(value)
 
     @torch.no_grad()
     def run(self, inputs, outputs) -> None:

@@ -181,7 +181,7 @@ def bench_diffusers(model_dir, prompt, seed, height, width, steps, device, dtype
     return result
 
 
-def bench_runtime(bundle, sessions: dict, prompt, seed, device, warmup, iters, size, guidance=None) -> dict:
+def bench_runtime(bundle, sessions: dict, prompt, seed, device, warmup, iters, size, guidance=None, loras=()) -> dict:
     """The runtime's verbs timed one by one; the same calls `generate` makes, in the same order. With
     `guidance`, the text encoder stage encodes both prompts and each guided step is two passes."""
     from zimage_trt.runtime.pipeline import ZImageRuntime
@@ -192,6 +192,11 @@ def bench_runtime(bundle, sessions: dict, prompt, seed, device, warmup, iters, s
     rt.use_size(*size)
     clock.stream = rt.stream  # the runtime's work runs on its own stream: time it there
     samples = Samples(device)
+    switch = {}
+    if loras:
+        switch["to LoRA"] = rt.set_loras(list(loras)) * 1e3
+        switch["to base"] = rt.set_loras([]) * 1e3
+        switch["to LoRA again"] = rt.set_loras(list(loras)) * 1e3
     for i in range(warmup + iters):
         te.timers.clear()
         vae.timers.clear()
@@ -234,6 +239,9 @@ def bench_runtime(bundle, sessions: dict, prompt, seed, device, warmup, iters, s
             samples.add("transformer x1", one())
     passes = rt.schedule.passes + (sum(cfg.guided) if cfg else 0)
     result = {"stages": samples.summary(), "passes": passes, "lpad": lpad, "cuda_graph": rt.use_cuda_graph}
+    if loras:
+        result["lora"] = {"stack": [(lo.name, s) for lo, s in loras], "switch_ms": switch}
+        rt.set_loras([])  # the sessions go back with their base weights
     rt.close(sessions=False)  # the caller closes the sessions
     return result
 
@@ -272,14 +280,19 @@ def available_backends(requested: list[str], device: torch.device, engines) -> t
 
 def run_bench(
     model_dir, bundle_dir, backends, engines, device, prompt, seed, warmup, iters, diffusers=True, size=None,
-    guidance=None,
+    guidance=None, lora_args=(),
 ) -> dict:
-    """With `guidance`, each runtime backend is measured twice, without and with it, to show what it costs."""
+    """With `guidance`, each runtime backend is measured twice, without and with it, to show what it costs. With
+    LoRAs (`lora_args`: 'FILE[:STRENGTH]' of converted files), they are applied before timing, and the time of
+    switching to them and back (one weight update each) is reported."""
+    from zimage_trt.runtime.lora import load_lora, parse_lora_arg
+
     from zimage_trt.export.configs import dit_flops_per_pass
     from zimage_trt.runtime.bundle import Bundle
     from zimage_trt.sessions import open_sessions
 
     bundle = Bundle.open(bundle_dir)
+    loras = [(load_lora(path, bundle), strength) for path, strength in map(parse_lora_arg, lora_args)]
     width, height = size or bundle.sizes.opt
     bundle.sizes.check(width, height, f"bundle {bundle.root}")
     torch_dtype = "bf16" if device.type == "cuda" else "fp32"
@@ -307,7 +320,7 @@ def run_bench(
         base = _memory_start(device)
         sessions = open_sessions(backend, bundle, device, model_dir=model_dir, engines=engines, torch_dtype=torch_dtype)
         precision = "/".join(sorted({s.precision for s in sessions.values()}))
-        r = bench_runtime(bundle, sessions, prompt, seed, device, warmup, iters, (width, height))
+        r = bench_runtime(bundle, sessions, prompt, seed, device, warmup, iters, (width, height), loras=loras)
         r["memory"] = _memory_end(device, base)
         results["systems"][f"runtime {backend} ({precision})"] = r
         if guidance is not None:
@@ -371,6 +384,11 @@ def format_table(results: dict) -> str:
         lines.append("  ".join(r[i].ljust(widths[i]) for i in range(len(head))))
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
+    for system, r in results["systems"].items():
+        if "lora" in r:
+            sw = ", ".join(f"{k} {v:.1f} ms" for k, v in r["lora"]["switch_ms"].items())
+            stack = ", ".join(f"{n}:{s:g}" for n, s in r["lora"]["stack"])
+            lines.append(f"{system}: LoRA {stack} (timed with it); switching is one weight update: {sw}")
     for b, why in results["skipped"].items():
         lines.append(f"not measured: runtime {b}: {why}")
     return "\n".join(lines)

@@ -97,6 +97,16 @@ def _export_sizes(args):
     return SizeRange.square_range(args.size_range, parse_size(args.opt_size or "1024x1024", "--opt-size"))
 
 
+def _lora_source(text: str) -> tuple[str, float]:
+    """export --lora FILE[:SCALE]: an original LoRA file (any format diffusers reads) and its scale."""
+    from zimage_trt.runtime.lora import parse_lora_arg
+
+    path, scale = parse_lora_arg(text)
+    if not Path(path).is_file():
+        raise UserError(f"--lora {text}: no such file {path}")
+    return path, scale
+
+
 def cmd_export(args) -> None:
     from zimage_trt.export.bundle import ExportOptions, export_bundle
     from zimage_trt.export.onnx_export import CheckResult
@@ -111,6 +121,7 @@ def cmd_export(args) -> None:
         check=args.check,
         fp16_scales=_load_scales(args.fp16_scales),
         calibration_prompts=_read_prompts(args.calibration_prompts),
+        loras=[_lora_source(text) for text in args.lora or []],
         force=args.force,
     )
     start = time.perf_counter()
@@ -185,13 +196,34 @@ def cmd_generate(args) -> None:
     bundle.sizes.check(*size, f"bundle {bundle.root}")  # before any session is opened
     sessions, device = _sessions(args, bundle)
     guidance = _guidance(args)
+    loras = _loras(args, bundle)
     rt = ZImageRuntime(bundle, sessions, device, steps=args.steps, generator_device=args.generator_device)
+    if loras:
+        seconds = rt.set_loras(loras)
+        print(f"LoRA {_describe_loras(loras)} applied in {seconds * 1e3:.0f} ms")
     start = time.perf_counter()
     pixels = rt.generate(args.prompt, args.seed, size=size, guidance=guidance)
     elapsed = time.perf_counter() - start
     save_png(pixels, args.out)
     passes = rt.schedule.passes + (sum(guidance.guided_steps(rt.schedule)) if guidance else 0)
     print(f"{args.out}: {size[0]}x{size[1]}, {passes} transformer passes, {args.backend}, {elapsed:.2f} s")
+
+
+def _loras(args, bundle) -> list:
+    """--lora L.safetensors[:STRENGTH], repeatable -> [(Lora, strength)] (files made by `zimage-trt lora`)."""
+    from zimage_trt.runtime.lora import load_lora, parse_lora_arg
+
+    stack = []
+    for text in args.lora or []:
+        path, strength = parse_lora_arg(text)
+        stack.append((load_lora(path, bundle), strength))
+    return stack
+
+
+def _describe_loras(stack) -> str:
+    from zimage_trt.runtime.lora import describe
+
+    return describe(stack)
 
 
 def _guidance(args):
@@ -220,7 +252,7 @@ def cmd_parity(args) -> None:
     args.backend = backend
     sessions, device = _sessions(args, bundle)
     _report_parity(run_parity(args.model, bundle, sessions, backend, args.prompt, args.seed, device, sizes,
-                              guidance=_guidance(args)))
+                              guidance=_guidance(args), loras=_loras(args, bundle)))
 
 
 def _report_parity(rows) -> None:
@@ -243,7 +275,7 @@ def cmd_bench(args) -> None:
     results = run_bench(
         args.model, args.bundle, backends, args.engines, device, args.prompt, args.seed, args.warmup, args.iters,
         diffusers=not args.no_diffusers, size=_size_list(args.size, "--size")[0] if args.size else None,
-        guidance=_guidance(args),
+        guidance=_guidance(args), lora_args=args.lora or [],
     )
     table = format_table(results)
     results["table"] = table
@@ -253,7 +285,33 @@ def cmd_bench(args) -> None:
         print(f"results: {args.json}")
 
 
+# ------------------------------------------------------------------------------------------ lora
+def cmd_lora(args) -> None:
+    from zimage_trt.export.lora import convert_lora
+    from zimage_trt.runtime.bundle import Bundle
+
+    bundle = Bundle.open(args.bundle)
+    meta = convert_lora(bundle, args.lora, args.out)
+    print(f"{args.out}: {meta['weights']} transformer weights, rank {meta['rank']}, for bundle {args.bundle}; use it "
+          f"with --lora {args.out}:STRENGTH")
+
+
 # ------------------------------------------------------------------------------------------ serve
+def _named_loras(items) -> dict:
+    """serve --lora NAME=L.safetensors, repeatable -> {name: path}."""
+    out = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path:
+            raise UserError(f"--lora {item!r}: serve takes NAME=L.safetensors (a request picks it with \"lora\": NAME)")
+        if name in out:
+            raise UserError(f"--lora: the name {name!r} is given twice")
+        if not Path(path).is_file():
+            raise UserError(f"--lora {item}: no such file {path}")
+        out[name.strip()] = path
+    return out
+
+
 def cmd_serve(args) -> None:
     from zimage_trt.server import ServeOptions, serve
 
@@ -262,6 +320,7 @@ def cmd_serve(args) -> None:
     opts = ServeOptions(
         bundle=args.bundle, backend=args.backend, engines=args.engines, model=args.model, device=args.device,
         torch_dtype=args.torch_dtype, queue_size=args.queue_size, timeout_s=args.timeout, max_n=args.max_n,
+        loras=_named_loras(args.lora),
     )
     if args.ray:
         from zimage_trt.ray_serve import parse_autoscale, run
@@ -366,8 +425,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check each graph with onnxruntime; auto skips graphs too large for a CPU (default auto)")
     p.add_argument("--fp16-scales", help="JSON of FP16 rescale factors (or a bundle manifest) instead of calibrating")
     p.add_argument("--calibration-prompts", help="text file, one prompt a line, for FP16 calibration")
+    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                   help="bake a LoRA into the transformer's weights (any format diffusers reads: PEFT, kohya, "
+                   "ComfyUI, ...; scale default 1.0); repeatable, the manifest records each")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "lora", help="convert a LoRA once to a bundle's weight names, for --lora at run time",
+        description="Read a LoRA in any format diffusers reads (PEFT/diffusers, kohya, ComfyUI, dotted and fused-qkv "
+        "trainer formats), check it against the bundle's transformer, and write its low-rank pairs under the "
+        "bundle's weight names (never whole matrices). generate, bench, parity and serve then apply it with a "
+        "strength, without a rebuild.",
+    )
+    p.add_argument("--bundle", required=True, help="bundle folder made by `zimage-trt export`")
+    p.add_argument("--lora", required=True, help="the LoRA file (.safetensors)")
+    p.add_argument("--out", required=True, help="converted LoRA to write (.safetensors)")
+    p.set_defaults(func=cmd_lora)
 
     p = sub.add_parser(
         "build",
@@ -404,6 +478,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --guidance-scale: no guidance on steps whose normalised time exceeds T "
                        "(diffusers' cfg_truncation; default 1.0: guidance on every step)")
 
+    def lora_args(p):
+        p.add_argument("--lora", action="append", metavar="L.safetensors[:STRENGTH]",
+                       help="a LoRA converted by `zimage-trt lora`, with a strength from -4 to 4 (default 1.0); "
+                       "repeat to stack LoRAs")
+
     def runtime_args(p):
         p.add_argument("--bundle", required=True, help="bundle folder made by `zimage-trt export`")
         p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"),
@@ -423,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generator-device", default="cpu", choices=("cpu", "cuda"),
                    help="where the initial noise is drawn; diffusers gives the same image for the same choice")
     guidance_args(p)
+    lora_args(p)
     p.add_argument("--out", required=True, help="PNG file to write")
     p.set_defaults(func=cmd_generate)
 
@@ -436,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", metavar="WxH,...", help="image sizes to check, e.g. 1024x1024,1536x1024 (default: the "
                    "bundle's opt size)")
     guidance_args(p)
+    lora_args(p)
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser(
@@ -458,6 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-diffusers", action="store_true", help="skip diffusers' pipeline")
     p.add_argument("--size", metavar="WxH", help="image size to measure (default: the bundle's opt size)")
     guidance_args(p)
+    lora_args(p)
     p.add_argument("--json", help="also write the results as JSON here")
     p.set_defaults(func=cmd_bench)
 
@@ -474,6 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-size", type=int, default=8, help="requests that may wait for the GPU (default 8)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take, queue included (default 120)")
     p.add_argument("--max-n", type=int, default=4, help="largest n (images per request) accepted (default 4)")
+    p.add_argument("--lora", action="append", metavar="NAME=L.safetensors",
+                   help="a LoRA converted by `zimage-trt lora`, loaded at start; a request uses it with "
+                   "\"lora\": NAME and \"lora_scale\": s (-4..4, default 1). Repeatable")
     p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (one replica per GPU)")
     p.add_argument("--replicas", type=int, default=1, help="with --ray: number of replicas (default 1)")
     p.add_argument("--autoscale", help="with --ray: MIN:MAX replicas, scaled on ongoing requests")

@@ -10,6 +10,7 @@ as PSNR in dB over 8-bit pixels.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -69,14 +70,22 @@ def _compare(stage, backend, precision, got: torch.Tensor, want: torch.Tensor) -
     return Row(stage, backend, precision, *error_of(got, want), NETWORK_BOUND[precision])
 
 
-def reference_images(model_dir, prompt: str, seed: int, sizes, steps: int = 9, device="cpu", guidance=None) -> dict:
+def reference_images(
+    model_dir, prompt: str, seed: int, sizes, steps: int = 9, device="cpu", guidance=None, loras=()
+) -> dict:
     """{(width, height): diffusers' ZImagePipeline image in float32, as 8-bit HxWx3} (noise drawn on the CPU, as
     the runtime's default), one pipeline load for all sizes; `guidance` (a runtime Guidance) as diffusers'
-    guidance_scale, negative_prompt, cfg_normalization and cfg_truncation."""
+    guidance_scale, negative_prompt, cfg_normalization and cfg_truncation; `loras` [(original LoRA file, strength)]
+    through diffusers' load_lora_weights and set_adapters."""
     from zimage_trt.export.checkpoint import load_pipeline
 
     pipe = load_pipeline(model_dir, torch.float32, device)
     pipe.set_progress_bar_config(disable=True)
+    if loras:
+        names = [f"lora{i}" for i in range(len(loras))]
+        for name, (path, _) in zip(names, loras):
+            pipe.load_lora_weights(str(path), adapter_name=name)
+        pipe.set_adapters(names, [strength for _, strength in loras])
     images = {}
     for width, height in sizes:
         image = pipe(
@@ -107,7 +116,8 @@ def guidance_kwargs(guidance) -> dict:
 
 
 def run_parity(
-    model_dir, bundle, sessions: dict, backend: str, prompt: str, seed: int, device="cpu", sizes=None, guidance=None
+    model_dir, bundle, sessions: dict, backend: str, prompt: str, seed: int, device="cpu", sizes=None, guidance=None,
+    loras=(),
 ) -> list[Row]:
     """Rows for each network of `sessions` and for the end-to-end image, at each (width, height) of `sizes`
     (default: the bundle's opt size).
@@ -120,10 +130,25 @@ def run_parity(
     device = torch.device(device)
     sizes = list(sizes or [bundle.sizes.opt])
     with strict_fp32():
-        return _run_parity(model_dir, bundle, sessions, backend, prompt, seed, device, sizes, guidance)
+        return _run_parity(model_dir, bundle, sessions, backend, prompt, seed, device, sizes, guidance, list(loras))
 
 
-def _run_parity(model_dir, bundle, sessions, backend, prompt, seed, device, sizes, guidance) -> list[Row]:
+def lora_sources(loras) -> list[tuple[str, float]]:
+    """The original files of converted LoRAs (diffusers' reference loads those), checked by their hash."""
+    from zimage_trt.errors import UserError
+    from zimage_trt.export.lora import file_sha256
+
+    out = []
+    for lora, strength in loras:
+        source = lora.meta.get("source", "")
+        if not source or not Path(source).is_file() or file_sha256(source) != lora.meta.get("source_sha256"):
+            raise UserError(f"parity with LoRA {lora.path} compares with diffusers on its original file {source or '?'},"
+                            " which is gone or has changed; convert the LoRA again from its original")
+        out.append((source, strength))
+    return out
+
+
+def _run_parity(model_dir, bundle, sessions, backend, prompt, seed, device, sizes, guidance, loras) -> list[Row]:
     from zimage_trt.export.reference import reference_modules
     from zimage_trt.runtime.pipeline import ZImageRuntime
     from zimage_trt.runtime.sizes import format_size
@@ -134,6 +159,10 @@ def _run_parity(model_dir, bundle, sessions, backend, prompt, seed, device, size
     ours_rt = ZImageRuntime(bundle, sessions, device)
     for size in sizes:  # every size is checked before any work: one line for a size nobody covers
         ours_rt.check_size(*size)
+    sources = lora_sources(loras)
+    if loras:  # the same weights on both sides, for the per-network rows and the image
+        ref_rt.set_loras(loras)
+        ours_rt.set_loras(loras)
     prec = {n: s.precision for n, s in sessions.items()}
     label = (lambda size: f" {format_size(*size)}") if len(sizes) > 1 or not bundle.sizes.is_single else (lambda s: "")
     rows = []
@@ -176,15 +205,18 @@ def _run_parity(model_dir, bundle, sessions, backend, prompt, seed, device, size
     release_memory(device)
 
     ours = {size: ours_rt.generate(prompt, seed, size=size, guidance=guidance) for size in sizes}
+    if loras:
+        ours_rt.set_loras([])  # the caller's sessions get their base weights back
     ours_rt.close(sessions=False)  # the caller's sessions stay open
     steps = bundle.scheduler["default_steps"]
-    theirs = reference_images(model_dir, prompt, seed, sizes, steps, device, guidance)
+    theirs = reference_images(model_dir, prompt, seed, sizes, steps, device, guidance, sources)
     release_memory(device)
     worst = min(prec.values(), key=IMAGE_BOUND_DB.get)  # the image is held to its least precise network
     for size in sizes:
         a, b = ours[size], theirs[size]
         diff = float(np.abs(a.astype(np.int32) - b.astype(np.int32)).max())
         cfg = f", cfg {guidance.scale:g}" if guidance is not None and guidance.active else ""
+        cfg += "".join(f", {lora.name}:{strength:g}" for lora, strength in loras)
         stage = f"image{label(size)} ({steps} steps{cfg})"
         rows.append(Row(stage, backend, worst, diff, diff / 255, IMAGE_BOUND_DB[worst], psnr(a, b)))
     return rows

@@ -1,7 +1,8 @@
 """`zimage-trt serve`: an OpenAI-compatible image API around the runtime.
 
     POST /v1/images/generations   {"prompt", "n", "size", "response_format": "b64_json", "seed", "num_inference_steps",
-                                   "guidance_scale", "negative_prompt", "cfg_normalization", "cfg_truncation"}
+                                   "guidance_scale", "negative_prompt", "cfg_normalization", "cfg_truncation",
+                                   "lora", "lora_scale"}
     GET  /health                  200 once the engines are loaded and warmed (with the sizes served), 503 before
     GET  /metrics                 Prometheus: request latency, per-stage latency, queue depth, rejections
 
@@ -45,6 +46,7 @@ class ServeOptions:
     max_n: int = 4
     max_steps: int = 50
     warmup: bool = True
+    loras: dict | None = None  # name -> converted LoRA file (`zimage-trt lora`), loaded at start
 
 
 class ApiError(Exception):
@@ -66,6 +68,7 @@ class Job:
     steps: int
     size: tuple[int, int]  # (width, height)
     guidance: object  # runtime.pipeline.Guidance or None
+    lora: tuple  # (name, strength), or () for the base weights
     deadline: float
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
@@ -85,6 +88,7 @@ class Metrics:
         self.rejected = Counter("zimage_rejected_requests_total", "Requests answered without an image", ["reason"], registry=r)
         self.images = Counter("zimage_images_total", "Images generated for requests (warm-up excluded)", registry=r)
         self.skipped = Counter("zimage_skipped_jobs_total", "Queued requests dropped before the GPU saw them", ["reason"], registry=r)
+        self.lora_switch = Histogram("zimage_lora_switch_seconds", "Time to change the LoRA in the transformer's weights (one weight update)", buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 20), registry=r)
         self.graph_failures = Gauge("zimage_cuda_graph_failures", "CUDA graph captures refused or failed (the loop then runs eagerly)", registry=r)
 
 
@@ -115,6 +119,7 @@ class ImageService:
         sessions = open_sessions(o.backend, self.bundle, device, model_dir=o.model, engines=o.engines, torch_dtype=o.torch_dtype)
         self.runtime = ZImageRuntime(self.bundle, sessions, device)
         self.sizes = self.runtime.sizes  # the bundle's range, narrowed to what the engines cover
+        self.loras = self._load_loras()
         if o.warmup:
             start = time.monotonic()
             self.runtime.generate("warm-up", 0)
@@ -133,6 +138,22 @@ class ImageService:
             self.worker = None
         if self.runtime is not None:  # its tokenizer stays for a late request's validation (answered 503)
             self.runtime.close()  # engines, contexts, the shared block, graphs (and the RTX runtime cache, saved)
+
+    def _load_loras(self) -> dict:
+        """The LoRAs a request may pick by name, read once at start (a bad file stops the server there)."""
+        from zimage_trt.runtime.lora import load_lora
+
+        if self.opts.loras and not hasattr(self.runtime.transformer, "set_weights"):
+            raise UserError(f"--lora: the {self.opts.backend} backend cannot change weights at run time")
+        return {name: load_lora(path, self.bundle) for name, path in (self.opts.loras or {}).items()}
+
+    def _use_lora(self, lora: tuple) -> None:
+        """Switch the transformer's weights to this (name, strength), if they are not already: one weight update."""
+        if lora == getattr(self, "current_lora", ()):
+            return
+        stack = [(self.loras[lora[0]], lora[1])] if lora else []
+        self.metrics.lora_switch.observe(self.runtime.set_loras(stack))
+        self.current_lora = lora
 
     # ------------------------------------------------------------ the GPU side
     def _work(self) -> None:
@@ -165,6 +186,7 @@ class ImageService:
     def _generate(self, job: Job, seed: int, clock):
         rt = self.runtime
         marks = {}
+        self._use_lora(job.lora)
         begin = clock.start()
         rt.use_size(*job.size)
         lpad = rt.encode_prompt(rt.tokenize(job.prompt))
@@ -220,10 +242,30 @@ class ImageService:
             "size": size,
             "steps": steps,
             "guidance": self.parse_guidance(body),
+            "lora": self.parse_lora(body),
             "seed": seed,
             "prompt_tokens": min(n_tokens, limit),
             "prompt_truncated": n_tokens > limit,
         }
+
+    def parse_lora(self, body: dict) -> tuple:
+        """"lora": a name given to `serve --lora NAME=FILE`, "lora_scale": its strength (default 1.0)."""
+        from zimage_trt.runtime.lora import MAX_STRENGTH
+
+        name, scale = body.get("lora"), body.get("lora_scale", 1.0)
+        if name is None:
+            if "lora_scale" in body and scale is not None:
+                raise ApiError(400, "'lora_scale' needs 'lora'", "lora_scale", "invalid_lora_scale")
+            return ()
+        served = ", ".join(sorted(self.loras)) or "none (start the server with --lora NAME=FILE)"
+        if not isinstance(name, str) or name not in self.loras:
+            raise ApiError(400, f"'lora' must be one of the server's LoRAs: {served}", "lora", "unknown_lora")
+        if scale is None:
+            scale = 1.0
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not -MAX_STRENGTH <= scale <= MAX_STRENGTH:
+            raise ApiError(400, f"'lora_scale' must be a number from {-MAX_STRENGTH:g} to {MAX_STRENGTH:g}",
+                           "lora_scale", "invalid_lora_scale")
+        return (name, float(scale)) if scale != 0 else ()
 
     def parse_guidance(self, body: dict):
         """guidance_scale (default 0: none, the Turbo model's setting), negative_prompt, cfg_normalization and
@@ -285,7 +327,7 @@ class ImageService:
             raise ApiError(503, "the server is not ready" if not self.draining else "the server is shutting down",
                            code="unavailable", kind="server_error")
         job = Job(req["prompt"], [req["seed"] + i for i in range(req["n"])], req["steps"], req["size"],
-                  req["guidance"], time.monotonic() + self.opts.timeout_s, loop, loop.create_future())
+                  req["guidance"], req["lora"], time.monotonic() + self.opts.timeout_s, loop, loop.create_future())
         try:
             self.queue.put_nowait(job)
         except queue.Full:
