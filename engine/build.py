@@ -46,6 +46,7 @@ class BuildOptions:
     sizes: list[tuple[int, int]] | None = None  # (width, height) to cover; None: the bundle's whole range
     opt_tokens: int = TYPICAL_PROMPT_TOKENS
     networks: tuple[str, ...] = NETWORKS
+    refittable: bool = False  # the transformer's mapped weights can be refitted (LoRA at run time)
     force: bool = False
     check_memory: bool = True
     opt_level: int | None = None
@@ -217,6 +218,22 @@ def _allow_unfused_attention(flavour: Flavour, network, fp32: bool) -> int:
     return count
 
 
+def _mark_refittable(flavour: Flavour, network, config, net_info: dict) -> int:
+    """REFIT_INDIVIDUAL with the transformer's mapped weights (the ones a LoRA can change) marked refittable: the
+    rest stay constants the builder may fold and fuse. Returns how many were marked."""
+    weights = net_info.get("weights")
+    if not weights:
+        raise UserError("--refittable needs the bundle's weight map, which this bundle predates; re-export it")
+    config.set_flag(flavour.trt.BuilderFlag.REFIT_INDIVIDUAL)
+    marked = 0
+    for entry in weights.values():
+        if not network.mark_weights_refittable(entry["initializer"]):
+            raise UserError(f"the transformer graph has no weights named {entry['initializer']!r} to mark refittable; "
+                            "the bundle's weight map is stale, re-export it")
+        marked += 1
+    return marked
+
+
 def _progress_monitor(flavour: Flavour, bar):
     """An IProgressMonitor that drives a tqdm bar with the builder's top-level phase and names the inner one."""
     trt = flavour.trt
@@ -315,6 +332,8 @@ class _Builder:
         network, _parser = _parse(self.flavour, self.builder, self.logger, self.bundle.onnx_path(name))
         config, flags = self._config(bar)
         flags["attention_unfused"] = _allow_unfused_attention(self.flavour, network, net_info["precision"] == "fp32")
+        if self.opts.refittable and name == "transformer":
+            flags["refittable_weights"] = _mark_refittable(self.flavour, network, config, net_info)
         io, profile = _io_and_profile(
             self.flavour, self.builder, network, net_info, profile_ranges(self.bundle, self.opts.opt_tokens, self.image)
         )
@@ -384,6 +403,8 @@ def _request(opts: BuildOptions, network: dict, image: SizeRange) -> dict:
     request = {"opt_tokens": opts.opt_tokens, "opt_level": opts.opt_level}
     if takes_image(network):
         request["image_sizes"] = image.to_dict()
+    if opts.refittable and network.get("weights"):  # the transformer; a change of it rebuilds only that engine
+        request["refittable"] = True
     return request
 
 
@@ -394,7 +415,13 @@ def build_engines(bundle_dir, out_dir, opts: BuildOptions | None = None) -> list
     bundle = Bundle.open(bundle_dir)
     image = image_profile(bundle, opts.sizes)
     flavour = load_flavour(opts.backend, opset=int(bundle.manifest.get("opset", 23)))
-    targets, cc_values = resolve_targets(flavour, opts.targets, gpu_info())
+    gpu = gpu_info()
+    targets, cc_values = resolve_targets(flavour, opts.targets, gpu)
+    if opts.refittable and flavour.is_rtx and gpu is None and "transformer" in opts.networks:
+        # Measured with TensorRT-RTX 1.7.1: a refittable build needs CUDA (Myelin) even ahead of time.
+        raise UserError("refittable TensorRT-RTX engines are built on a machine with a CUDA GPU (the builder needs "
+                        "CUDA for them; any supported GPU can build for --target sm89,sm120); build without "
+                        "--refittable here, or on a GPU host")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")

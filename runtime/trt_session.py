@@ -78,6 +78,47 @@ class TrtSession:
         self.shapes: dict[tuple | None, tuple] = {}  # context key -> the shapes set on it
         self.block = None
         self.eager = recorded and self.runtime_cache is not None
+        self.onnx_path: Path | None = None  # the bundle's graph: the base weights a LoRA is added to
+        self._base: dict[str, torch.Tensor] = {}  # refitted weights' base values, on the device
+        self.weights_in_place = False  # a refit may move weights: the runtime records its loops again
+
+    # LoRA (runtime/lora.py): weights are refitted (`build --refittable`). Written to TensorRT's documented
+    # Refitter API (set_named_weights with device memory, refit_cuda_engine_async); UNVERIFIED: no TensorRT
+    # engine runs in the workplace where this was written (see README, "What was verified where").
+    def weight_key(self, name: str, entry: dict) -> tuple[str, bool, float]:
+        return entry["initializer"], entry["transposed"], entry["divisor"]
+
+    def base_weights(self, keys) -> dict:
+        from .lora import read_initializers
+
+        missing = [k for k in keys if k not in self._base]
+        if missing:
+            for k, v in read_initializers(self.onnx_path, missing).items():
+                self._base[k] = v.to(self.device)
+        return {k: self._base[k] for k in keys}
+
+    def set_weights(self, values: dict) -> None:
+        """Refit these weights to these values and every weight refitted before back to its base."""
+        trt = self.flavour.trt
+        if not self.engine.refittable:
+            raise UserError(f"the {self.name} engine was not built refittable, so LoRAs cannot be applied at run time; "
+                            f"rebuild it: {self.fix} --refittable")
+        restore = {k: v for k, v in self._base.items() if k in getattr(self, "_changed", set()) and k not in values}
+        refitter = trt.Refitter(self.engine, self.flavour.logger())
+        kinds = {torch.float16: trt.DataType.HALF, torch.bfloat16: trt.DataType.BF16, torch.float32: trt.DataType.FLOAT}
+        keep = []  # the device tensors must live until the refit has run
+        for key, value in {**restore, **values}.items():
+            value = value.to(self.device).contiguous()
+            keep.append(value)
+            weights = trt.Weights(kinds[value.dtype], value.data_ptr(), value.numel())
+            if not refitter.set_named_weights(key, weights, trt.TensorLocation.DEVICE):
+                raise UserError(f"{self.name}: the engine has no refittable weights named {key!r}; rebuild it: "
+                                f"{self.fix} --refittable")
+        stream = torch.cuda.current_stream(self.device)
+        if not refitter.refit_cuda_engine_async(stream.cuda_stream):
+            raise RuntimeError(f"{self.name}: refit failed (missing: {refitter.get_missing_weights()})")
+        stream.synchronize()
+        self._changed = set(values)
 
     def _new_context(self):
         trt = self.flavour.trt
@@ -199,6 +240,8 @@ def open_engine_sessions(bundle: Bundle, engines_dir, device: torch.device) -> d
             n: TrtSession(n, flavour, runtime, files[n], device, metas[n], recorded=(n == "transformer"), fix=fix)
             for n in NETWORKS
         }
+    for n, s in sessions.items():
+        s.onnx_path = bundle.onnx_path(n)
     # The engines run one after another on one stream: one block, sized for the largest, serves them all.
     size = max(s.device_memory_size for s in sessions.values())
     block = torch.empty(max(size, 1), dtype=torch.uint8, device=device)

@@ -232,3 +232,45 @@ def test_a_foreign_timing_cache_is_discarded_and_the_build_goes_on(fp32_bundle, 
     assert r.status == "built"
     assert "is from another GPU or TensorRT version; discarded" in capsys.readouterr().err
     assert (out / "timing.cache").read_bytes() != b"written by another GPU and TensorRT version"
+
+
+# ---------------------------------------------------------------- LoRA on a GPU
+def test_a_lora_switch_keeps_recorded_loops_valid_and_the_base_comes_back(tiny_model, fp32_bundle, tmp_path):
+    """torch backend: set_loras writes into the same parameter storage, so recorded loops stay valid; each replay
+    equals the eager loop with the same weights, and dropping the LoRA gives the base latents back bit for bit."""
+    from zimage_trt.export.checkpoint import load_transformer
+    from zimage_trt.export.lora import convert_lora
+    from zimage_trt.runtime.lora import load_lora
+
+    from .lora_files import write_peft_lora
+
+    write_peft_lora(load_transformer(tiny_model, torch.float32), tmp_path / "a.safetensors")
+    bundle = Bundle.open(fp32_bundle)
+    convert_lora(bundle, tmp_path / "a.safetensors", tmp_path / "a-b.safetensors")
+    lora = load_lora(tmp_path / "a-b.safetensors", bundle)
+    dev = torch.device("cuda")
+    graph = ZImageRuntime(bundle, open_sessions("torch", bundle, dev, model_dir=tiny_model), dev, cuda_graph=True)
+    eager = ZImageRuntime(bundle, open_sessions("torch", bundle, dev, model_dir=tiny_model), dev, cuda_graph=False)
+    graph.generate(PROMPT, 1)
+    base = graph.latents.clone()
+    for stack in ([(lora, 1.0)], [(lora, -0.5)], []):
+        graph.set_loras(stack)
+        eager.set_loras(stack)
+        graph.generate(PROMPT, 1)
+        eager.generate(PROMPT, 1)
+        assert torch.equal(graph.latents, eager.latents), stack
+    assert torch.equal(graph.latents, base) and len(graph._graphs) == 1  # one recording served all three
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None, reason="tensorrt-rtx is not installed")
+def test_a_refittable_rtx_engine_builds_on_a_gpu_host(fp16_bundle, tmp_path):
+    """TensorRT-RTX needs CUDA to build refittable engines (it refuses on a CPU-only host): on a GPU host it builds
+    them ahead of time for RTX targets, with the transformer's mapped weights marked refittable."""
+    from zimage_trt.engine.build import BuildOptions, build_engines
+
+    results = build_engines(fp16_bundle, tmp_path / "e", BuildOptions(
+        backend="tensorrt-rtx", targets=["sm89"], refittable=True, networks=("transformer",)))
+    (r,) = results
+    n_weights = len(Bundle.open(fp16_bundle).network("transformer")["weights"])
+    assert r.status == "built" and r.meta["build"]["flags"]["refittable_weights"] == n_weights
+    assert r.meta["request"]["refittable"] is True

@@ -142,6 +142,7 @@ def cmd_build(args) -> None:
         sizes=_size_list(args.sizes, "--sizes") if args.sizes else None,
         opt_tokens=args.opt_tokens,
         networks=tuple(args.networks.split(",")) if args.networks else BuildOptions().networks,
+        refittable=args.refittable,
         force=args.force,
         check_memory=not args.skip_memory_check,
         opt_level=args.opt_level,
@@ -461,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a bundle with a size range: narrow the engines' profile to the box that covers these sizes "
                    "(e.g. 1024x1024,1536x1024,1024x1536); smaller profiles tune better. Default: the bundle's range")
     p.add_argument("--opt-level", type=int, choices=range(0, 6), help="builder optimization level 0-5")
+    p.add_argument("--refittable", action="store_true",
+                   help="make the transformer's weights refittable, so --lora applies LoRAs at run time without a "
+                   "rebuild (TensorRT-RTX builds these on a GPU host only)")
     p.add_argument("--force", action="store_true", help="rebuild even engines that are current")
     p.add_argument("--skip-memory-check", action="store_true", help="build even if host memory looks too small")
     p.add_argument("--verbose", action="store_true", help="show the builder's log")
