@@ -105,6 +105,21 @@ def check_host_memory(name: str, weight_bytes: int, available: int | None) -> No
         )
 
 
+def check_rtx_refit_host(targets: dict, gpu: dict | None) -> None:
+    """A refittable TensorRT-RTX engine is built on a GPU of its one target architecture. Measured with
+    TensorRT-RTX 1.7.1: without CUDA the build fails at "Determining refit engines" (CUDA driver error 35), and on an
+    H200 a build for sm89 and sm120 fails there too (CUDA error 222: the builder loads the kernels it compiled for
+    the target on the GPU it runs on)."""
+    wanted = targets.get("compute_capabilities", [])
+    if gpu is None or wanted != [gpu["compute_capability"]]:
+        here = f"this host's {gpu['name']} ({gpu['compute_capability']})" if gpu else "this host (no CUDA GPU)"
+        raise UserError(
+            f"a refittable TensorRT-RTX engine is built on a GPU of its one target architecture, and {here} is not "
+            f"{' or '.join(wanted) or 'one'}; run `build --refittable --target auto` on the RTX GPU itself, or build "
+            "here without --refittable (LoRAs then need --lora at export)"
+        )
+
+
 def image_profile(bundle: Bundle, sizes: list[tuple[int, int]] | None) -> SizeRange:
     """The image sizes the engines cover: the bundle's range, or the smallest box around `sizes` in it."""
     rng = bundle.sizes
@@ -417,11 +432,8 @@ def build_engines(bundle_dir, out_dir, opts: BuildOptions | None = None) -> list
     flavour = load_flavour(opts.backend, opset=int(bundle.manifest.get("opset", 23)))
     gpu = gpu_info()
     targets, cc_values = resolve_targets(flavour, opts.targets, gpu)
-    if opts.refittable and flavour.is_rtx and gpu is None and "transformer" in opts.networks:
-        # Measured with TensorRT-RTX 1.7.1: a refittable build needs CUDA (Myelin) even ahead of time.
-        raise UserError("refittable TensorRT-RTX engines are built on a machine with a CUDA GPU (the builder needs "
-                        "CUDA for them; any supported GPU can build for --target sm89,sm120); build without "
-                        "--refittable here, or on a GPU host")
+    if opts.refittable and flavour.is_rtx and "transformer" in opts.networks:
+        check_rtx_refit_host(targets, gpu)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")

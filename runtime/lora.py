@@ -12,9 +12,9 @@ s_k changes each weight to
 
     W' = W + sum_k s_k * up_k @ down_k          (computed in float32, then rounded to W's precision)
 
-Each session puts W' where its weights live (see `weights_for`): onnxruntime overrides the initializers, eager
-PyTorch copies into the parameters, TensorRT refits the engine. The base W is kept (or re-read from the bundle)
-so that dropping a LoRA gives the base weights back bit for bit.
+Each session puts W' where its weights live (`set_weights`, which takes the (key, value) pairs one at a time):
+onnxruntime overrides the initializers, eager PyTorch copies into the parameters, TensorRT refits the engine.
+The base W is kept (or re-read from the bundle) so that dropping a LoRA gives the base weights back bit for bit.
 """
 
 from __future__ import annotations
@@ -116,28 +116,25 @@ def load_lora(path, bundle) -> Lora:
     return Lora(meta.get("name") or path.stem, path, pairs, meta)
 
 
-def weight_deltas(stack: list[tuple[Lora, float]], device) -> dict[str, torch.Tensor]:
-    """{weight name: sum_k s_k * up_k @ down_k} in float32, [out, in], on `device`."""
-    deltas: dict[str, torch.Tensor] = {}
-    for lora, strength in stack:
-        for name, (up, down) in lora.pairs.items():
-            d = (up.to(device) * strength) @ down.to(device)
-            deltas[name] = deltas[name] + d if name in deltas else d
-    return deltas
-
-
-def patched_weights(session, weights: dict, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """W' = W + delta for each weight, in the session's own layout and names (`session.weight_key`: its key, whether
-    it stores W^T, and the FP16 rescale folded into it), rounded once to W's precision."""
-    keys = {name: session.weight_key(name, weights[name]) for name in deltas}
-    base = session.base_weights([k for k, _, _ in keys.values()])
-    out = {}
-    for name, delta in deltas.items():
+def patched_weights(session, weights: dict, stack: list[tuple[Lora, float]], device):
+    """(key, W + sum_k s_k * up_k @ down_k) for each weight the stack changes, in the session's own layout and
+    names (`session.weight_key`: its key, whether it stores W^T, and the FP16 rescale folded into it), computed in
+    float32 on `device` and rounded once to W's precision. A generator, one weight at a time: a full-size stack
+    never holds more than one float32 delta."""
+    names = sorted({name for lora, _ in stack for name in lora.pairs})
+    keys = {name: session.weight_key(name, weights[name]) for name in names}
+    base = session.base_weights([k for k, _, _ in keys.values()])  # references, or host copies read once
+    for name in names:
+        delta = None
+        for lora, strength in stack:
+            if name in lora.pairs:
+                up, down = lora.pairs[name]
+                d = (up.to(device) * strength) @ down.to(device)
+                delta = d if delta is None else delta + d
         key, transposed, divisor = keys[name]
-        w = base[key]
-        d = delta.to(w.device) / divisor
-        out[key] = (w.float() + (d.T if transposed else d)).to(w.dtype).contiguous()
-    return out
+        w = base[key].to(device)
+        delta = delta / divisor
+        yield key, (w.float() + (delta.T if transposed else delta)).to(w.dtype).contiguous()
 
 
 def read_initializers(onnx_path: Path, names) -> dict[str, torch.Tensor]:

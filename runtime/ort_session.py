@@ -59,11 +59,11 @@ class OrtSession:
 
         return read_initializers(self.path, keys)
 
-    def set_weights(self, values: dict) -> None:
-        """Run with these initializers replaced and every other one as the file has it (so {} is the base,
-        exactly): one session rebuild."""
+    def set_weights(self, values) -> None:
+        """Run with these initializers replaced ((key, value) pairs) and every other one as the file has it (so
+        none is the base, exactly): one session rebuild."""
         ort = require("onnxruntime", "pip install onnxruntime")
-        self.overrides = {k: ort.OrtValue.ortvalue_from_numpy(v.cpu().numpy()) for k, v in values.items()}
+        self.overrides = {k: ort.OrtValue.ortvalue_from_numpy(v.cpu().numpy()) for k, v in values}
         self._open()
 
     def close(self) -> None:

@@ -398,15 +398,14 @@ class ZImageRuntime:
         ([] gives the base weights back, bit for bit). One weight update, no reload; returns its seconds."""
         import time
 
-        from .lora import bundle_weights, patched_weights, weight_deltas
+        from .lora import bundle_weights, patched_weights
 
         start = time.perf_counter()
         if not hasattr(self.transformer, "set_weights"):
             raise UserError(f"the {type(self.transformer).__name__} backend cannot change weights at run time")
         weights = bundle_weights(self.bundle) if stack else {}
         with self.on_stream():
-            deltas = weight_deltas(stack, self.device)
-            self.transformer.set_weights(patched_weights(self.transformer, weights, deltas))
+            self.transformer.set_weights(patched_weights(self.transformer, weights, stack, self.device))
         if not getattr(self.transformer, "weights_in_place", False):
             # a refit or a rebuilt session may move weights: loops recorded against the old ones must go
             while self._graphs:

@@ -40,15 +40,18 @@ class TorchSession:
         return {k: self._base.get(k, params[k].detach()) for k in keys}
 
     @torch.no_grad()
-    def set_weights(self, values: dict) -> None:
-        """These parameters take these values; every other one changed before goes back to its base, bit for bit."""
+    def set_weights(self, values) -> None:
+        """These parameters take these values ((key, value) pairs, taken one at a time); every other one changed
+        before goes back to its base, bit for bit. The bases stay on the device: a switch is copies, no transfer."""
         params = dict(self.module.named_parameters())
-        for key in [k for k in self._base if k not in values]:
-            params[key].copy_(self._base.pop(key))
-        for key, value in values.items():
+        changed = set()
+        for key, value in values:
             if key not in self._base:
                 self._base[key] = params[key].detach().clone()
             params[key].copy_(value)
+            changed.add(key)
+        for key in [k for k in self._base if k not in changed]:
+            params[key].copy_(self._base.pop(key))
 
     @torch.no_grad()
     def run(self, inputs, outputs) -> None:

@@ -89,20 +89,22 @@ class TrtSession:
         return entry["initializer"], entry["transposed"], entry["divisor"]
 
     def base_weights(self, keys) -> dict:
+        """The bundle's values of these weights, kept in host memory (the engine holds the device copy)."""
         from .lora import read_initializers
 
         missing = [k for k in keys if k not in self._base]
         if missing:
-            for k, v in read_initializers(self.onnx_path, missing).items():
-                self._base[k] = v.to(self.device)
+            self._base.update(read_initializers(self.onnx_path, missing))
         return {k: self._base[k] for k in keys}
 
-    def set_weights(self, values: dict) -> None:
-        """Refit these weights to these values and every weight refitted before back to its base."""
+    def set_weights(self, values) -> None:
+        """Refit these weights to these values ((key, value) pairs) and every weight refitted before back to its
+        base. The new values stay on the device until the one refit has run (peak: the changed weights, twice)."""
         trt = self.flavour.trt
         if not self.engine.refittable:
             raise UserError(f"the {self.name} engine was not built refittable, so LoRAs cannot be applied at run time; "
                             f"rebuild it: {self.fix} --refittable")
+        values = dict(values)
         restore = {k: v for k, v in self._base.items() if k in getattr(self, "_changed", set()) and k not in values}
         refitter = trt.Refitter(self.engine, self.flavour.logger())
         kinds = {torch.float16: trt.DataType.HALF, torch.bfloat16: trt.DataType.BF16, torch.float32: trt.DataType.FLOAT}

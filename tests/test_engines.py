@@ -349,3 +349,23 @@ def test_a_crash_before_the_sidecar_is_written_leaves_no_sidecar_of_another_engi
                                                         networks=("vae_decoder",)))
     assert r.status == "built" and r.reason == "no valid sidecar"
     assert r.meta["onnx_sha256"] == old_meta["onnx_sha256"]
+
+
+def test_a_refittable_rtx_build_is_refused_where_it_cannot_succeed(capsys, fp32_bundle, tmp_path):
+    """Measured with TensorRT-RTX 1.7.1: a refittable build fails without CUDA, and on an H200 for sm89/sm120; so
+    it is refused before building, in one line, unless this host's GPU is the one target."""
+    from zimage_trt.engine.build import check_rtx_refit_host
+
+    from .test_user_errors import assert_one_line_error, run_cli
+
+    code, err = run_cli(capsys, "build", "--bundle", str(fp32_bundle), "--out", str(tmp_path / "e"), "--backend",
+                        "tensorrt-rtx", "--target", "sm89", "--refittable")
+    assert_one_line_error(code, err, "built on a GPU of its one target architecture", "no CUDA GPU", "sm89")
+    assert not (tmp_path / "e").exists()
+    h200 = {"name": "NVIDIA H200", "cc": (9, 0), "compute_capability": "sm90"}
+    rtx4090 = {"name": "NVIDIA GeForce RTX 4090", "cc": (8, 9), "compute_capability": "sm89"}
+    with pytest.raises(UserError, match="H200 \\(sm90\\) is not sm89 or sm120"):
+        check_rtx_refit_host({"compute_capabilities": ["sm89", "sm120"]}, h200)
+    with pytest.raises(UserError, match="is not sm89 or sm120"):
+        check_rtx_refit_host({"compute_capabilities": ["sm89", "sm120"]}, rtx4090)  # one target per build
+    check_rtx_refit_host({"compute_capabilities": ["sm89"]}, rtx4090)  # the RTX GPU itself: allowed

@@ -231,3 +231,29 @@ def test_the_server_switches_loras_per_request(tiny_model, fp32_bundle, converte
             status, _, answer = server.post({"prompt": PROMPT, **body})
             assert status == 400 and answer["error"]["param"] == param and needle in answer["error"]["message"], answer
         assert json.loads(server.get("/health")[2])  # still healthy
+
+
+def test_comfyui_and_kohya_keys_of_one_lora_convert_to_the_same_pairs(tiny_model, originals, tmp_path):
+    """The formats differ in their keys only: ComfyUI's `diffusion_model.` keys and kohya's `lora_unet_` keys of
+    the same weights give the same low-rank products (diffusers' conversion, alpha / rank folded in)."""
+    from safetensors.torch import load_file, save_file
+
+    from zimage_trt.export.lora import read_lora
+
+    kohya = load_file(str(originals["b"]))
+    comfy = {}
+    for key, value in kohya.items():
+        base, _, suffix = key.partition(".")
+        module = base.removeprefix("lora_unet_")
+        for group in ("noise_refiner", "context_refiner", "layers"):
+            if module.startswith(group + "_"):
+                block, _, rest = module[len(group) + 1:].partition("_")
+                rest = rest.replace("attention_to_", "attention.to_").replace("feed_forward_", "feed_forward.")
+                rest = rest.replace("to_out_0", "to_out.0")
+                module = f"{group}.{block}.{rest}"
+        comfy[f"diffusion_model.{module}.{suffix}"] = value
+    save_file(comfy, str(tmp_path / "comfy.safetensors"))
+    a, b = read_lora(originals["b"]), read_lora(tmp_path / "comfy.safetensors")
+    assert a.keys() == b.keys() and len(a) == 42
+    for name in a:
+        assert torch.allclose(a[name][0] @ a[name][1], b[name][0] @ b[name][1], rtol=1e-6, atol=1e-7), name
