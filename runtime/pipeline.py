@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from zimage_trt.errors import UserError
-from zimage_trt.files import remove_debris, write_atomic, writing
+from zimage_trt.files import write_atomic, writing
 
 from .bundle import Bundle
 from .scheduler import Schedule, flow_match_schedule
@@ -126,7 +126,6 @@ class ZImageRuntime:
         self.loras: list = []  # the (Lora, strength) stack in the transformer's weights now
         self._allocate()
         self.size: tuple[int, int] | None = None  # (width, height) the buffers' views are set for
-        self._current_size: tuple[int, int] | None = None
         self.use_size(*self.sizes.opt)
         self._plans[self.default_steps] = self._make_plan(self.default_steps, sigmas)
 
@@ -181,11 +180,8 @@ class ZImageRuntime:
         self.neg_caption = torch.zeros(1, b.max_caption_tokens, b.caption_dim, dtype=torch.float32, device=dev)
         self.neg_cap_len = torch.zeros(1, dtype=torch.int64, device=dev)
         self._neg_velocity_store = torch.zeros_like(self._velocity_store)
-        self.size = None  # use_size sets the new view too
-        self.use_size(*self._size_or_opt())
-
-    def _size_or_opt(self) -> tuple[int, int]:
-        return self._current_size or self.sizes.opt
+        current, self.size = self.size or self.sizes.opt, None
+        self.use_size(*current)  # sets the new buffer's view too
 
     def use_size(self, width: int, height: int) -> None:
         """Point latents, velocity and image at contiguous views of their storage for this size."""
@@ -199,7 +195,7 @@ class ZImageRuntime:
         if self._neg_velocity_store is not None:
             self.neg_velocity = self._neg_velocity_store[:n].view(shape)
         self.image = self._image_store[: 3 * height * width].view(1, 3, height, width)
-        self.size = self._current_size = (width, height)
+        self.size = (width, height)
 
     def _make_plan(self, steps: int, sigmas=None) -> Plan:
         sched = self.bundle.scheduler
@@ -459,6 +455,5 @@ def save_png(pixels: np.ndarray, path) -> None:
         raise UserError(f"cannot write {path}: folder {path.parent} does not exist")
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
-    remove_debris(path.parent, {path.name})
     with writing(path, "free space there or pass another --out"):
         write_atomic(path, buf.getvalue())

@@ -19,7 +19,7 @@ import threading
 import weakref
 from pathlib import Path
 
-from zimage_trt.files import os_error_line, remove_debris, write_atomic
+from zimage_trt.files import os_error_line, write_atomic
 
 log = logging.getLogger("zimage_trt")
 
@@ -32,7 +32,6 @@ class RuntimeCacheFile:
 
     def load(self) -> bool:
         """Read the file into the cache; False (and an empty cache) if there is none or it was refused."""
-        remove_debris(self.path.parent, {self.path.name})  # temp files of a process killed while saving
         if not self.path.is_file():
             return False
         if self.cache.deserialize(self.path.read_bytes()):

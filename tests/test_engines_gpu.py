@@ -263,6 +263,8 @@ def test_a_lora_switch_keeps_recorded_loops_valid_and_the_base_comes_back(tiny_m
 
 
 def _rtx_runs_here() -> tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, "needs a CUDA GPU"
     if importlib.util.find_spec("tensorrt_rtx") is None:
         return False, "tensorrt-rtx is not installed"
     from zimage_trt.engine.trt_api import RTX_UNSUPPORTED_CC, gpu_info

@@ -205,6 +205,15 @@ def test_export_refuses_before_writing_when_the_bundle_cannot_fit(capsys, tiny_m
     assert hidden(small_fs) == [] and not (small_fs / "b").exists()
 
 
+@rtx
+def test_build_refuses_before_building_when_the_engines_cannot_fit(capsys, fp32_bundle, small_fs):
+    fill(small_fs, leave=8 << 20)
+    code, err = run_cli(capsys, "build", "--bundle", str(fp32_bundle), "--out", str(small_fs / "e"), *RTX_BUILD)
+    assert_one_line_error(code, err, "writing the engines (text_encoder, transformer, vae_decoder) needs about",
+                          f"in {small_fs} and", "MB is free")
+    assert hidden(small_fs) == [] and not (small_fs / "e").exists()
+
+
 def test_a_disk_that_fills_during_export_is_one_line_and_nothing_stays(capsys, tiny_model, small_fs):
     partial = small_fs / f".b.partial-{os.getpid()}"
     fill_when(small_fs, lambda: (partial / "scheduler.json").exists())  # before the first graph

@@ -39,8 +39,10 @@ def temp_path(target: Path, kind: str = "tmp", suffix: str = "") -> Path:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file of this call's own (two threads of a process may write
-    the same path, e.g. the server's worker and the exit hook saving a runtime cache), removed if writing fails."""
+    the same path, e.g. the server's worker and the exit hook saving a runtime cache), removed if writing fails.
+    Temporary files of `path` that a killed process left are removed first."""
     path = Path(path)
+    remove_debris(path.parent, {path.name})
     tmp = temp_path(path, suffix=secrets.token_hex(4))
     try:
         with open(tmp, "wb") as f:
