@@ -1,7 +1,7 @@
 """Model configurations of Z-Image-Turbo, full size and tiny.
 
-The full-size numbers are those of `Tongyi-MAI/Z-Image-Turbo`: the DiT of the model card, Qwen3-4B as the
-text encoder, and the Flux VAE. The tiny configuration keeps everything that shapes the code paths (head_dim
+The full-size numbers are those of `Tongyi-MAI/Z-Image-Turbo` (its config files, as in ../shared/real-model): the
+DiT, Qwen3-4B as the text encoder, and the Flux VAE; and how the checkpoint stores them. The tiny configuration keeps everything that shapes the code paths (head_dim
 128 with the real 32/48/48 RoPE axes, 2 noise and 2 context refiners, GQA in the text encoder, four VAE
 levels so the VAE still downsamples by 8, the scaling and shift factors) and shrinks the widths and depths.
 """
@@ -34,7 +34,7 @@ FULL = {
         "rope_theta": 256.0,
         "t_scale": 1000.0,
         "axes_dims": [32, 48, 48],
-        "axes_lens": [1024, 512, 512],
+        "axes_lens": [1536, 512, 512],
     },
     "text_encoder": {
         "architectures": ["Qwen3ForCausalLM"],
@@ -51,6 +51,13 @@ FULL = {
         "rms_norm_eps": 1e-06,
         "rope_theta": 1000000,
         "attention_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "max_window_layers": 36,
+        "rope_scaling": None,
+        "sliding_window": None,
+        "use_sliding_window": False,
+        "use_cache": True,
         "tie_word_embeddings": True,
         "bos_token_id": 151643,
         "eos_token_id": 151645,
@@ -77,6 +84,24 @@ FULL = {
 }
 
 
+# text_encoder/generation_config.json of the real checkpoint (Qwen3-4B's sampling defaults; unused by the pipeline)
+GENERATION_CONFIG = {
+    "bos_token_id": 151643,
+    "do_sample": True,
+    "eos_token_id": [151645, 151643],
+    "pad_token_id": 151643,
+    "temperature": 0.6,
+    "top_k": 20,
+    "top_p": 0.95,
+}
+
+# The real checkpoint's storage: the transformer in float32 in 3 shards (~24.6 GB), the text encoder in bfloat16 in
+# 3 shards with `model.`-prefixed keys (a Qwen3ForCausalLM whose lm_head is tied), the VAE in one file.
+FULL_STORAGE = {"transformer": ("float32", "10GB"), "text_encoder": ("bfloat16", "4GB"), "vae": ("float32", None)}
+# The tiny model keeps the layout (shards, index, prefixes) in float32, with shard sizes that give 2-3 shards.
+TINY_STORAGE = {"transformer": ("float32", "10MB"), "text_encoder": ("float32", "1MB"), "vae": ("float32", None)}
+
+
 def tiny(vocab_size: int) -> dict:
     """The tiny configuration; the text encoder's vocabulary is the tiny tokenizer's size."""
     cfg = copy.deepcopy(FULL)
@@ -90,6 +115,7 @@ def tiny(vocab_size: int) -> dict:
         num_key_value_heads=2,
         head_dim=32,
         max_position_embeddings=1024,
+        max_window_layers=3,
         bos_token_id=None,
         eos_token_id=None,
     )

@@ -141,13 +141,23 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def write_model(out: Path, cfg: dict, seed: int, device: str = "cpu", dtype=None) -> None:
-    """Instantiate each component with random weights from `seed` and save it in the diffusers layout.
+def write_model(out: Path, cfg: dict, seed: int, device: str = "cpu", storage: dict | None = None) -> None:
+    """Instantiate each component with random weights from `seed` and save it in the real checkpoint's layout:
+    the transformer sharded with an index, the text encoder a sharded Qwen3ForCausalLM (keys `model.`-prefixed,
+    lm_head tied so not stored) with generation_config.json, the VAE in one file.
 
-    The weights are drawn in float32 on `device` and saved in `dtype` (default: float32)."""
+    The weights are drawn in float32 on `device` and stored as `storage` says ({component: (dtype, max shard
+    size)}; default: the tiny layout, float32)."""
     import torch
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    storage = storage or configs.TINY_STORAGE
+
+    def save(module, component):
+        dtype, shard = storage[component]
+        kwargs = {"max_shard_size": shard} if shard else {}
+        module.to(getattr(torch, dtype)).save_pretrained(out / component, safe_serialization=True, **kwargs)
 
     # Every component draws from its own generator so adding one never changes the others.
     def seeded(offset: int):
@@ -165,20 +175,23 @@ def write_model(out: Path, cfg: dict, seed: int, device: str = "cpu", dtype=None
             for name, p in transformer.named_parameters():
                 if "adaLN_modulation" in name and name.endswith("weight"):
                     p.normal_(0.0, 0.05)
-        transformer.to(dtype or torch.float32).save_pretrained(out / "transformer", safe_serialization=True)
+        save(transformer, "transformer")
         del transformer
 
         seeded(2)
         ecfg = {k: v for k, v in cfg["text_encoder"].items() if k not in ("architectures", "model_type")}
-        text_encoder = Qwen3Model(Qwen3Config(**ecfg))
-        text_encoder.to(dtype or torch.float32).save_pretrained(out / "text_encoder", safe_serialization=True)
+        text_encoder = Qwen3ForCausalLM(Qwen3Config(**ecfg))
+        save(text_encoder, "text_encoder")
+        # the real file; the tiny vocabulary has no Qwen token ids, so it keeps the sampling settings only
+        generation = configs.GENERATION_CONFIG
+        if not cfg["text_encoder"].get("bos_token_id"):
+            generation = {k: v for k, v in generation.items() if not k.endswith("token_id")}
+        _write_json(out / "text_encoder" / "generation_config.json", generation)
         del text_encoder
 
         seeded(3)
         vcfg = {k: v for k, v in cfg["vae"].items() if not k.startswith("_")}
-        vae = AutoencoderKL(**vcfg)
-        vae.to(dtype or torch.float32).save_pretrained(out / "vae", safe_serialization=True)
-        del vae
+        save(AutoencoderKL(**vcfg), "vae")
 
     _write_json(out / "scheduler" / "scheduler_config.json", configs.SCHEDULER)
     index = {"_class_name": "ZImagePipeline", "_diffusers_version": "0.42.1"}
@@ -186,23 +199,45 @@ def write_model(out: Path, cfg: dict, seed: int, device: str = "cpu", dtype=None
     _write_json(out / "model_index.json", index)
 
 
-def make_tiny(out: str | Path, seed: int = 0, size: str = "tiny", device: str = "cpu") -> Path:
-    """Write a random model to `out` (created; must be empty or absent).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "chat_template.jinja")
 
-    size "tiny": the small configuration in float32. size "full": the real Z-Image-Turbo configuration, saved in
-    bf16 as the real checkpoint is (random weights: for speed, memory and graph validity, not for images).
+
+def copy_tokenizer(src: Path, out: Path) -> int:
+    """A real tokenizer folder (e.g. Qwen3's, from ../shared/real-model/tokenizer) into the model; its vocab size."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    src = Path(src)
+    if not (src / "tokenizer.json").is_file() or not (src / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"--tokenizer {src} must hold tokenizer.json and tokenizer_config.json")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+    return Tokenizer.from_file(str(src / "tokenizer.json")).get_vocab_size()
+
+
+def make_tiny(out: str | Path, seed: int = 0, size: str = "tiny", device: str = "cpu", tokenizer=None) -> Path:
+    """Write a random model to `out` (created; must be empty or absent), in the real checkpoint's layout.
+
+    size "tiny": the small configuration in float32. size "full": the real Z-Image-Turbo configuration, stored as
+    the real checkpoint is (fp32 transformer, bf16 text encoder; random weights: for speed, memory and graph
+    validity, not for images). tokenizer: a tokenizer folder to use instead of the small one trained here.
     """
-    import torch
-
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; choose a new directory or remove it first")
-    out.mkdir(parents=True, exist_ok=True)
-    vocab = write_tokenizer(out / "tokenizer")
-    if size == "tiny":
-        write_model(out, configs.tiny(vocab), seed, device)
-    elif size == "full":
-        write_model(out, configs.FULL, seed, device, dtype=torch.bfloat16)
-    else:
+    if size not in ("tiny", "full"):
         raise ValueError(f"size must be tiny or full, not {size!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = copy_tokenizer(tokenizer, out / "tokenizer") if tokenizer else write_tokenizer(out / "tokenizer")
+    if size == "tiny":
+        cfg = configs.tiny(max(vocab, configs.FULL["text_encoder"]["vocab_size"]) if tokenizer else vocab)
+        write_model(out, cfg, seed, device)
+    else:
+        if vocab > configs.FULL["text_encoder"]["vocab_size"]:
+            raise ValueError(f"the tokenizer has {vocab} tokens, more than the text encoder's vocabulary")
+        write_model(out, configs.FULL, seed, device, configs.FULL_STORAGE)
     return out

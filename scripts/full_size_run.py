@@ -97,6 +97,9 @@ def main() -> int:
     ap.add_argument("--iters", default="5", help="timed generations per system in the bench (default 5)")
     ap.add_argument("--size", default="full", choices=("full", "tiny"), help="tiny: a quick dry run of the stages")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu for a dry run")
+    ap.add_argument("--tokenizer", default=str(Path(__file__).resolve().parents[2] / "shared" / "real-model" / "tokenizer"),
+                    help="the real Qwen3 tokenizer folder for the full-size model (default ../shared/real-model/tokenizer "
+                    "beside the checkout; carry a copy to a machine without it)")
     args = ap.parse_args()
     work = Path(args.work)
     results = work / "results"
@@ -117,7 +120,8 @@ def main() -> int:
                   "--networks", args.build_networks]
     stages = [
         ("gpu-tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(work / "tests" / "test_engines_gpu.py")]),
-        ("make", zt + ["make-tiny", str(model), "--size", args.size, "--device", args.device]),
+        ("make", zt + ["make-tiny", str(model), "--size", args.size, "--device", args.device]
+                 + (["--tokenizer", args.tokenizer] if args.size == "full" and Path(args.tokenizer).is_dir() else [])),
         ("export", zt + ["export", "--model", str(model), "--out", str(bundle), "--device", args.device, "--force"]
                    + sizes + (["--vae-precision", "fp32"] if args.size == "tiny" else [])),
         ("bench", zt + ["bench", "--model", str(model), "--bundle", str(bundle), "--device", args.device,

@@ -106,6 +106,27 @@ def test_make_tiny_is_deterministic_for_a_seed(tmp_path):
     assert len(files) >= 9
     for f in files:
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
-    assert (a / "transformer/diffusion_pytorch_model.safetensors").read_bytes() != (
-        c / "transformer/diffusion_pytorch_model.safetensors"
+    assert (a / "transformer/diffusion_pytorch_model-00001-of-00003.safetensors").read_bytes() != (
+        c / "transformer/diffusion_pytorch_model-00001-of-00003.safetensors"
     ).read_bytes()
+
+
+def test_make_tiny_writes_the_real_checkpoint_layout(tiny_model):
+    """Shards with an index for the transformer and the text encoder, the text encoder a Qwen3ForCausalLM with
+    `model.`-prefixed keys and no lm_head (tied), generation_config.json beside it, the VAE in one file: what
+    users download, so every run reads it through the real loading code."""
+    import json
+
+    te, dit = tiny_model / "text_encoder", tiny_model / "transformer"
+    te_index = json.loads((te / "model.safetensors.index.json").read_text())["weight_map"]
+    assert all(k.startswith("model.") for k in te_index) and "lm_head.weight" not in te_index
+    assert len(set(te_index.values())) >= 2 and json.loads((te / "config.json").read_text())["architectures"] == [
+        "Qwen3ForCausalLM"]
+    assert (te / "generation_config.json").is_file()
+    dit_index = json.loads((dit / "diffusion_pytorch_model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(dit_index.values())) == 3 and not (dit / "diffusion_pytorch_model.safetensors").exists()
+    assert (tiny_model / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    from zimage_trt.export.checkpoint import load_text_encoder
+
+    qwen = load_text_encoder(tiny_model)  # a Qwen3Model from the prefixed keys
+    assert type(qwen).__name__ == "Qwen3Model" and qwen.embed_tokens.weight.abs().sum() > 0

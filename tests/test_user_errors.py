@@ -58,8 +58,11 @@ def test_folder_without_model_index(capsys, tmp_path):
         (lambda d: (d / "model_index.json").write_text("{not json"), "not valid JSON"),
         (lambda d: (d / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"})), "FluxPipeline"),
         (lambda d: (d / "transformer" / "config.json").write_text("{broken"), "component 'transformer'"),
-        (lambda d: (d / "text_encoder" / "model.safetensors").write_bytes(b"truncated"), "component 'text_encoder'"),
-        (lambda d: truncate(d / "transformer" / "diffusion_pytorch_model.safetensors"), "is truncated"),
+        (lambda d: (d / "text_encoder" / "model-00001-of-00003.safetensors").write_bytes(b"truncated"),
+         "component 'text_encoder'"),
+        (lambda d: truncate(d / "transformer" / "diffusion_pytorch_model-00002-of-00003.safetensors"), "is truncated"),
+        (lambda d: (d / "transformer" / "diffusion_pytorch_model-00003-of-00003.safetensors").unlink(),
+         "shard diffusion_pytorch_model-00003-of-00003.safetensors is missing"),
     ],
 )
 def test_broken_model_parts_are_named(capsys, model_copy, tmp_path, damage, needle):

@@ -31,8 +31,8 @@ def cmd_make_tiny(args) -> None:
     from zimage_trt.export.tiny import make_tiny
 
     try:
-        out = make_tiny(args.dir, seed=args.seed, size=args.size, device=args.device)
-    except FileExistsError as exc:
+        out = make_tiny(args.dir, seed=args.seed, size=args.size, device=args.device, tokenizer=args.tokenizer)
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from None
     print(f"wrote a {args.size} random Z-Image-Turbo (seed {args.seed}) to {out}")
 
@@ -392,9 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="output folder (must be empty or absent)")
     p.add_argument("--seed", type=int, default=0, help="weights and all else are a function of this (default 0)")
     p.add_argument("--size", default="tiny", choices=("tiny", "full"),
-                   help="tiny (default, ~30 MB) or full: the real architecture with random weights in bf16 "
-                   "(~20 GB; for speed and memory measurements)")
+                   help="tiny (default, ~30 MB) or full: the real architecture with random weights, stored as the "
+                   "real checkpoint is (fp32 transformer in 3 shards, bf16 text encoder in 3; ~33 GB; for speed and "
+                   "memory measurements). Both use the real layout: shards, index, `model.` prefixes")
     p.add_argument("--device", default="cpu", help="where to initialise the weights: cpu (default) or cuda (fast for full)")
+    p.add_argument("--tokenizer", metavar="DIR", help="a real tokenizer folder to use (e.g. ../shared/real-model/"
+                   "tokenizer, Qwen3's) instead of the small one trained here; the full-size scripts pass it")
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser(
