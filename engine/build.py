@@ -47,6 +47,7 @@ class BuildOptions:
     opt_tokens: int = TYPICAL_PROMPT_TOKENS
     networks: tuple[str, ...] = NETWORKS
     refittable: bool = False  # the transformer's mapped weights can be refitted (LoRA at run time)
+    weight_streaming: bool = False  # the transformer may keep part of its weights in host memory (--weight-budget)
     force: bool = False
     check_memory: bool = True
     opt_level: int | None = None
@@ -312,7 +313,7 @@ class _Builder:
         self.builder = flavour.trt.Builder(self.logger)
         self.timing_cache_path = out / "timing.cache"
 
-    def _config(self, bar):
+    def _config(self, bar, name: str):
         config = self.builder.create_builder_config()
         config.progress_monitor = _progress_monitor(self.flavour, bar)
         if self.opts.opt_level is not None:
@@ -323,9 +324,13 @@ class _Builder:
             for i, cc in enumerate(self.cc_values):
                 config.set_compute_capability(cc, i)
             # TensorRT-RTX allows CUDA stream capture only of engines built for user-managed memory (RTX 1.2
-            # release notes); the runtime records the denoising loop in a CUDA graph, so every engine needs it.
-            config.set_flag(self.flavour.trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
-            flags["require_user_allocation"] = True
+            # release notes); the runtime records the denoising loop in a CUDA graph, so every engine needs it,
+            # except a weight-streamed transformer: RTX 1.7 refuses the two flags together (streaming allocates at
+            # run time), so that engine runs its loop eagerly.
+            streamed = self.opts.weight_streaming and name == "transformer"
+            if not streamed:
+                config.set_flag(self.flavour.trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
+            flags["require_user_allocation"] = not streamed
         else:
             blob = self.timing_cache_path.read_bytes() if self.timing_cache_path.is_file() else b""
             cache = config.create_timing_cache(blob) if blob else None
@@ -345,10 +350,15 @@ class _Builder:
         start = time.perf_counter()
         bar.set_description(f"{name}: parsing")
         network, _parser = _parse(self.flavour, self.builder, self.logger, self.bundle.onnx_path(name))
-        config, flags = self._config(bar)
+        config, flags = self._config(bar, name)
         flags["attention_unfused"] = _allow_unfused_attention(self.flavour, network, net_info["precision"] == "fp32")
         if self.opts.refittable and name == "transformer":
             flags["refittable_weights"] = _mark_refittable(self.flavour, network, config, net_info)
+        if self.opts.weight_streaming and name == "transformer":
+            # Strongly typed networks only (they all are here): the runtime then chooses how many bytes of
+            # weights live on the GPU (`--weight-budget`) and streams the rest from host memory per pass.
+            config.set_flag(self.flavour.trt.BuilderFlag.WEIGHT_STREAMING)
+            flags["weight_streaming"] = True
         io, profile = _io_and_profile(
             self.flavour, self.builder, network, net_info, profile_ranges(self.bundle, self.opts.opt_tokens, self.image)
         )
@@ -420,6 +430,8 @@ def _request(opts: BuildOptions, network: dict, image: SizeRange) -> dict:
         request["image_sizes"] = image.to_dict()
     if opts.refittable and network.get("weights"):  # the transformer; a change of it rebuilds only that engine
         request["refittable"] = True
+    if opts.weight_streaming and network.get("weights"):
+        request["weight_streaming"] = True
     return request
 
 

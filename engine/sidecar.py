@@ -75,7 +75,8 @@ def stale_reason(
         return f"built with {meta['backend']}, {backend} asked for"
     if meta["backend_version"] != backend_version:
         return f"built with {meta['backend']} {meta['backend_version']}, {backend_version} installed"
-    if backend == "tensorrt-rtx" and not meta["build"]["flags"].get("require_user_allocation"):
+    flags = meta["build"]["flags"]
+    if backend == "tensorrt-rtx" and not flags.get("require_user_allocation") and not flags.get("weight_streaming"):
         return "built without REQUIRE_USER_ALLOCATION, which TensorRT-RTX needs to record the loop in a CUDA graph"
     if meta["targets"] != targets:
         return f"built for {describe_targets(meta['targets'])}; {describe_targets(targets)} asked for"

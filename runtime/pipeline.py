@@ -39,6 +39,10 @@ from .tokenizer import PromptTokenizer
 log = logging.getLogger("zimage_trt")
 
 MAX_CUDA_GRAPHS = 16  # e.g. every padded caption length (512 / 32) at one size, or 4 lengths at 4 sizes
+# all: every network stays on the GPU. sequential: the text encoder and the image networks (transformer, VAE) take
+# turns, so the peak is max(text encoder, transformer + VAE) plus the shared buffers, at the cost of moving weights
+# (torch: to host memory and back; TensorRT: the engine is freed and deserialized again from its mmap'd plan).
+VRAM_MODES = ("all", "sequential")
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,7 @@ class ZImageRuntime:
         cuda_graph: bool = True,
         sigmas: list[float] | None = None,
         max_cuda_graphs: int = MAX_CUDA_GRAPHS,
+        vram: str = "all",
     ):
         self.bundle = bundle
         self.device = torch.device(device)
@@ -109,8 +114,14 @@ class ZImageRuntime:
         self.tokenizer = PromptTokenizer(bundle.root / "tokenizer", bundle.max_caption_tokens)
         self.generator_device = generator_device
         self.default_steps = steps or bundle.scheduler["default_steps"]
+        if vram not in VRAM_MODES:
+            raise UserError(f"--vram must be one of {', '.join(VRAM_MODES)}, not {vram!r}")
+        self.vram = vram
+        self._resident_group: str | None = None  # sequential: "text" or "image", whichever is on the GPU
+        # A network that leaves the GPU comes back at new addresses, which a recorded loop cannot follow: in
+        # sequential mode the loop runs eagerly (the weight moves cost far more than the graph saves).
         self.use_cuda_graph = (
-            cuda_graph and self.device.type == "cuda" and getattr(self.transformer, "capturable", False)
+            cuda_graph and vram == "all" and self.device.type == "cuda" and getattr(self.transformer, "capturable", False)
         )
         self.sessions = sessions
         # One CUDA stream of the runtime's own for all its work: TensorRT adds device-wide synchronisations on
@@ -216,6 +227,23 @@ class ZImageRuntime:
     def schedule(self) -> Schedule:
         return self._plans[self.default_steps].schedule
 
+    def _make_resident(self, group: str) -> None:
+        """--vram sequential: put the networks of `group` ("text": the text encoder; "image": transformer and
+        VAE) on the GPU and the others off it. Nothing in mode "all"."""
+        if self.vram != "sequential" or self._resident_group == group:
+            return
+        on = [self.text_encoder] if group == "text" else [self.transformer, self.vae]
+        off = [self.transformer, self.vae] if group == "text" else [self.text_encoder]
+        for s in off:
+            getattr(s, "release", lambda: None)()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the freed weights go back to the device for the other group
+        for s in on:
+            getattr(s, "acquire", lambda: None)()
+        self._resident_group = group
+        if group == "image" and self.loras and not getattr(self.transformer, "weights_in_place", False):
+            self.set_loras(self.loras)  # a re-deserialized engine has its base weights again
+
     def on_stream(self):
         """Context in which device work goes to the runtime's stream (nothing on a CPU)."""
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
@@ -231,6 +259,7 @@ class ZImageRuntime:
         if not 0 < n <= self.bundle.max_caption_tokens:
             raise UserError(f"a prompt must give 1..{self.bundle.max_caption_tokens} tokens, got {n}")
         caption, cap_len = (self.neg_caption, self.neg_cap_len) if negative else (self.caption, self.cap_len)
+        self._make_resident("text")
         with self.on_stream():
             self.ids[0, :n].copy_(torch.tensor(ids, dtype=torch.int64), non_blocking=True)
             self.text_encoder.run({"input_ids": self.ids[:, :n]}, {"features": caption[:, :n]})
@@ -375,6 +404,7 @@ class ZImageRuntime:
     def denoise(self, lpad: int, steps: int | None = None, cfg: "GuidedRun | None" = None) -> None:
         """All transformer passes and Euler steps over self.latents, in place (guided where `cfg` says)."""
         plan = self.plan(steps)
+        self._make_resident("image")
         with self.on_stream():
             graph = self._graph_for(lpad, plan, cfg) if self.use_cuda_graph else None
             if graph is not None:
@@ -384,6 +414,7 @@ class ZImageRuntime:
 
     def decode(self) -> np.ndarray:
         """VAE decode of self.latents -> HxWx3 uint8, rounded as diffusers' numpy_to_pil rounds."""
+        self._make_resident("image")
         with self.on_stream():
             self.vae.run({"latents": self.latents}, {"image": self.image})
             pixels = (self.image[0].permute(1, 2, 0) * 255).round().to(torch.uint8)
@@ -400,6 +431,7 @@ class ZImageRuntime:
         if not hasattr(self.transformer, "set_weights"):
             raise UserError(f"the {type(self.transformer).__name__} backend cannot change weights at run time")
         weights = bundle_weights(self.bundle) if stack else {}
+        self._make_resident("image")
         with self.on_stream():
             self.transformer.set_weights(patched_weights(self.transformer, weights, stack, self.device))
         if not getattr(self.transformer, "weights_in_place", False):

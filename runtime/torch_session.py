@@ -29,6 +29,17 @@ class TorchSession:
         self.module = None
         self._base = {}
 
+    # --vram sequential: the module's weights leave the GPU between uses (to host memory, then back)
+    def release(self) -> None:
+        if self.device.type == "cuda" and self.module is not None:
+            self.module.to("cpu")
+            self._base = {k: v.to("cpu") for k, v in self._base.items()}
+
+    def acquire(self) -> None:
+        if self.device.type == "cuda" and self.module is not None:
+            self.module.to(self.device)
+            self._base = {k: v.to(self.device) for k, v in self._base.items()}
+
     # LoRA (runtime/lora.py): weights are the module's parameters, changed in place
     def weight_key(self, name: str, entry: dict) -> tuple[str, bool, float]:
         # The module is rescaled for FP16 exactly as the graph only when it was built folded (fp16 with scales).

@@ -35,36 +35,27 @@ class TrtSession:
 
     def __init__(
         self, name: str, flavour, runtime, engine_file: Path, device: torch.device, meta: dict, recorded: bool,
-        fix: str,
+        fix: str, weight_budget: int | None = None,
     ):
         """recorded: the runtime records this session's runs in CUDA graphs (the transformer). Then TensorRT-RTX
         compiles shape-specialised kernels eagerly at the first run of a new shape, before the runtime records
         it; otherwise they are compiled in the background and swapped in later.
-        meta: the engine's sidecar; fix: the build command for this bundle and engine folder."""
-        trt = flavour.trt
+        meta: the engine's sidecar; fix: the build command for this bundle and engine folder.
+        weight_budget: bytes of weights kept on the GPU for an engine built with --weight-streaming (the rest
+        streams from host memory each run); None: all of them."""
         self.name, self.device, self.flavour, self.precision = name, device, flavour, meta["precision"]
         self.meta, self.fix = meta, fix
         self.image_sizes = sidecar.image_sizes(meta)  # what the profile covers (None: no image input)
-        # From a read-only mmap of the file, not a bytes copy: the builder's plan is 12 GB for the transformer,
-        # and deserialization copies what it keeps, so the mapping can go once it returns.
-        with open(engine_file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as plan:
-            self.engine = runtime.deserialize_cuda_engine(plan)
-        if self.engine is None:
-            raise UserError(f"{engine_file} could not be deserialized by {flavour.name} {flavour.version}; rebuild it")
-        self.runtime_cache = None  # TensorRT-RTX: its compiled kernels, kept beside the engine
-        self.runtime_config = None  # TensorRT-RTX: lives as long as the contexts made from it
-        if flavour.is_rtx:
-            config = self.engine.create_runtime_config()
-            config.set_execution_context_allocation_strategy(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-            strategy = trt.DynamicShapesKernelSpecializationStrategy
-            config.dynamic_shapes_kernel_specialization_strategy = strategy.EAGER if recorded else strategy.LAZY
-            config.cuda_graph_strategy = trt.CudaGraphStrategy.DISABLED  # the runtime records the whole loop
-            cache = config.create_runtime_cache()
-            self.runtime_cache = RuntimeCacheFile(engine_file.with_name(engine_file.name + ".runtime_cache"), cache)
-            self.runtime_cache.load()
-            config.set_runtime_cache(cache)
-            self.runtime_config = config
-            save_at_exit(self.runtime_cache)
+        self.runtime, self.engine_file, self.recorded = runtime, Path(engine_file), recorded
+        self.weight_budget = weight_budget
+        # A weight-streamed engine allocates its own memory at run time (TensorRT-RTX refuses streaming together
+        # with user-managed memory), so it keeps out of the shared block; on RTX it cannot then be captured.
+        self.streaming = bool(meta["build"]["flags"].get("weight_streaming"))
+        if self.streaming and flavour.is_rtx:
+            self.capturable = False
+        self.engine = self.runtime_cache = self.runtime_config = None
+        self._load()
+        trt = flavour.trt
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -79,7 +70,7 @@ class TrtSession:
         self.block = None
         self.eager = recorded and self.runtime_cache is not None
         self.onnx_path: Path | None = None  # the bundle's graph: the base weights a LoRA is added to
-        self._base: dict[str, torch.Tensor] = {}  # refitted weights' base values, on the device
+        self._base: dict[str, torch.Tensor] = {}  # refitted weights' base values, in host memory
         self.weights_in_place = False  # a refit may move weights: the runtime records its loops again
 
     # LoRA (runtime/lora.py): weights are refitted (`build --refittable`). Written to TensorRT's documented
@@ -122,13 +113,67 @@ class TrtSession:
         stream.synchronize()
         self._changed = set(values)
 
+    def _load(self) -> None:
+        """Deserialize the engine (and, for TensorRT-RTX, its runtime configuration and kernel cache)."""
+        trt, flavour, engine_file = self.flavour.trt, self.flavour, self.engine_file
+        # From a read-only mmap of the file, not a bytes copy: the builder's plan is 12 GB for the transformer,
+        # and deserialization copies what it keeps, so the mapping can go once it returns.
+        with open(engine_file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as plan:
+            self.engine = self.runtime.deserialize_cuda_engine(plan)
+        if self.engine is None:
+            raise UserError(f"{engine_file} could not be deserialized by {flavour.name} {flavour.version}; rebuild it")
+        if self.weight_budget is not None:
+            self._set_weight_budget(self.weight_budget)
+        if flavour.is_rtx:
+            config = self.engine.create_runtime_config()
+            if not self.streaming:
+                config.set_execution_context_allocation_strategy(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            strategy = trt.DynamicShapesKernelSpecializationStrategy
+            config.dynamic_shapes_kernel_specialization_strategy = strategy.EAGER if self.recorded else strategy.LAZY
+            config.cuda_graph_strategy = trt.CudaGraphStrategy.DISABLED  # the runtime records the whole loop
+            cache = config.create_runtime_cache()
+            self.runtime_cache = RuntimeCacheFile(engine_file.with_name(engine_file.name + ".runtime_cache"), cache)
+            self.runtime_cache.load()
+            config.set_runtime_cache(cache)
+            self.runtime_config = config
+            save_at_exit(self.runtime_cache)
+
+    def _set_weight_budget(self, budget: int) -> None:
+        """Weight streaming (TensorRT 10 / RTX): keep `budget` bytes of weights on the GPU, stream the rest.
+        UNVERIFIED here (no engine runs in this workplace); written to the documented `weight_streaming_budget_v2`."""
+        streamable = int(self.engine.streamable_weights_size)
+        if streamable <= 0:
+            raise UserError(f"--weight-budget: the {self.name} engine was not built with weight streaming; rebuild "
+                            f"it: {self.fix} --weight-streaming")
+        self.engine.weight_streaming_budget_v2 = min(int(budget), streamable)
+
+    # --vram sequential: the engine leaves the GPU between uses; its plan stays on disk (read through mmap)
+    def release(self) -> None:
+        """Free the engine's device memory (contexts, engine, runtime configuration; the RTX runtime cache is saved
+        first); `acquire` brings it back. The shared memory block stays: it serves whichever engine runs."""
+        if self.engine is None:
+            return
+        if self.runtime_cache is not None:
+            forget(self.runtime_cache)
+            self.runtime_cache.save()
+        self.contexts.clear()  # contexts first: they use the engine and the runtime config
+        self.shapes.clear()
+        self.runtime_config = self.runtime_cache = None
+        self.engine = None
+
+    def acquire(self) -> None:
+        if self.engine is None:
+            self._load()
+
     def _new_context(self):
         trt = self.flavour.trt
         if self.runtime_config is not None:
             ctx = self.engine.create_execution_context(self.runtime_config)
+        elif self.streaming:
+            ctx = self.engine.create_execution_context()  # TensorRT allocates what the streamed weights need
         else:
             ctx = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-        if self.block is not None:
+        if self.block is not None and not self.streaming:
             ctx.set_device_memory(self.block.data_ptr(), self.block.numel())
         return ctx
 
@@ -161,13 +206,14 @@ class TrtSession:
 
     @property
     def device_memory_size(self) -> int:
-        return int(self.engine.device_memory_size_v2)
+        return 0 if self.streaming else int(self.engine.device_memory_size_v2)
 
     def bind_device_memory(self, block: torch.Tensor) -> None:
         """Every context, now and later, runs on `block` (256-byte aligned, >= device_memory_size)."""
         self.block = block
         for ctx in self.contexts.values():
-            ctx.set_device_memory(block.data_ptr(), block.numel())
+            if not self.streaming:
+                ctx.set_device_memory(block.data_ptr(), block.numel())
 
     def run(self, inputs, outputs) -> None:
         ctx, new_shape = self._context_for(inputs)
@@ -194,19 +240,11 @@ class TrtSession:
     def close(self) -> None:
         """Free the contexts, the engine and the runtime configuration (saving the RTX runtime cache first);
         the shared device-memory block goes with the last session that holds it."""
-        if self.engine is None:
-            return
-        if self.runtime_cache is not None:
-            forget(self.runtime_cache)
-            self.runtime_cache.save()
-        self.contexts.clear()  # contexts first: they use the engine and the runtime config
-        self.shapes.clear()
-        self.runtime_config = self.runtime_cache = None
-        self.engine = None
+        self.release()
         self.block = self.shared_memory = None
 
 
-def open_engine_sessions(bundle: Bundle, engines_dir, device: torch.device) -> dict:
+def open_engine_sessions(bundle: Bundle, engines_dir, device: torch.device, weight_budget: int | None = None) -> dict:
     engines_dir = Path(engines_dir)
     if not engines_dir.is_dir():
         raise UserError(
@@ -239,7 +277,8 @@ def open_engine_sessions(bundle: Bundle, engines_dir, device: torch.device) -> d
     # The text encoder sees a new length with nearly every prompt: it runs generic kernels meanwhile.
     with torch.cuda.device(device):  # TensorRT places engines on the current CUDA device
         sessions = {
-            n: TrtSession(n, flavour, runtime, files[n], device, metas[n], recorded=(n == "transformer"), fix=fix)
+            n: TrtSession(n, flavour, runtime, files[n], device, metas[n], recorded=(n == "transformer"), fix=fix,
+                          weight_budget=weight_budget if n == "transformer" else None)
             for n in NETWORKS
         }
     for n, s in sessions.items():

@@ -369,3 +369,22 @@ def test_a_refittable_rtx_build_is_refused_where_it_cannot_succeed(capsys, fp32_
     with pytest.raises(UserError, match="is not sm89 or sm120"):
         check_rtx_refit_host({"compute_capabilities": ["sm89", "sm120"]}, rtx4090)  # one target per build
     check_rtx_refit_host({"compute_capabilities": ["sm89"]}, rtx4090)  # the RTX GPU itself: allowed
+
+
+def test_weight_streaming_builds_ahead_of_time_and_is_part_of_the_request(fp32_bundle, tmp_path):
+    """`build --weight-streaming` (strongly typed, TensorRT-RTX on this CPU-only host): the transformer engine is
+    built with WEIGHT_STREAMING and says so; toggling it rebuilds the transformer only."""
+    out = tmp_path / "ws"
+    opts = BuildOptions(backend="tensorrt-rtx", targets=["sm89"], weight_streaming=True)
+    results = {r.network: r for r in build_engines(fp32_bundle, out, opts)}
+    assert results["transformer"].meta["build"]["flags"]["weight_streaming"] is True
+    assert results["transformer"].meta["request"]["weight_streaming"] is True
+    # TensorRT-RTX 1.7 refuses WEIGHT_STREAMING with REQUIRE_USER_ALLOCATION: the streamed engine goes without
+    # (and its loop runs eagerly); the others keep it, and neither kind is called stale for it
+    assert results["transformer"].meta["build"]["flags"]["require_user_allocation"] is False
+    assert results["text_encoder"].meta["build"]["flags"]["require_user_allocation"] is True
+    assert {r.status for r in build_engines(fp32_bundle, out, opts)} == {"current"}
+    assert "weight_streaming" not in results["text_encoder"].meta["build"]["flags"]
+    again = {r.network: r.status for r in build_engines(fp32_bundle, out, BuildOptions(backend="tensorrt-rtx",
+                                                                                         targets=["sm89"]))}
+    assert again == {"text_encoder": "current", "transformer": "built", "vae_decoder": "current"}

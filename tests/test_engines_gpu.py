@@ -287,3 +287,27 @@ def test_a_refittable_rtx_engine_builds_on_an_rtx_gpu(fp16_bundle, tmp_path):
     n_weights = len(Bundle.open(fp16_bundle).network("transformer")["weights"])
     assert r.status == "built" and r.meta["build"]["flags"]["refittable_weights"] == n_weights
     assert r.meta["request"]["refittable"] is True
+
+
+# ---------------------------------------------------------------- memory modes on a GPU
+def test_sequential_vram_gives_the_same_image_with_a_lower_peak(tiny_model, fp32_bundle):
+    """--vram sequential, torch backend: the text encoder and the transformer + VAE take turns on the GPU; the
+    image is the one of mode "all", and the allocator's peak is lower by about the smaller group's weights."""
+    from zimage_trt.runtime.memory import vram_plan
+
+    bundle = Bundle.open(fp32_bundle)
+    dev = torch.device("cuda")
+    images, peaks, plans = {}, {}, {}
+    for mode in ("all", "sequential"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        rt = ZImageRuntime(bundle, open_sessions("torch", bundle, dev, model_dir=tiny_model), dev, vram=mode)
+        images[mode] = rt.generate(PROMPT, 2)
+        peaks[mode] = torch.cuda.max_memory_allocated(dev) - base
+        plans[mode] = vram_plan(rt)
+        rt.close()
+        del rt
+    assert (images["all"] == images["sequential"]).all()
+    te = plans["all"]["weights"]["text_encoder"]
+    assert peaks["sequential"] < peaks["all"] - 0.5 * te, (peaks, te)

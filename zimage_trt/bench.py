@@ -84,6 +84,12 @@ class TimedSession:
         self.inner.run(inputs, outputs)
         self.timers.append(self.clock.stop(begin))
 
+    def release(self) -> None:  # --vram sequential passes through the timing wrapper
+        getattr(self.inner, "release", lambda: None)()
+
+    def acquire(self) -> None:
+        getattr(self.inner, "acquire", lambda: None)()
+
     def total_ms(self) -> float:
         return sum(t() for t in self.timers)
 
@@ -181,15 +187,21 @@ def bench_diffusers(model_dir, prompt, seed, height, width, steps, device, dtype
     return result
 
 
-def bench_runtime(bundle, sessions: dict, prompt, seed, device, warmup, iters, size, guidance=None, loras=()) -> dict:
+def bench_runtime(
+    bundle, sessions: dict, prompt, seed, device, warmup, iters, size, guidance=None, loras=(), vram="all"
+) -> dict:
     """The runtime's verbs timed one by one; the same calls `generate` makes, in the same order. With
     `guidance`, the text encoder stage encodes both prompts and each guided step is two passes."""
     from zimage_trt.runtime.pipeline import ZImageRuntime
 
     clock = Clock(device)
     te, vae = TimedSession(sessions["text_encoder"], clock), TimedSession(sessions["vae_decoder"], clock)
-    rt = ZImageRuntime(bundle, {"text_encoder": te, "transformer": sessions["transformer"], "vae_decoder": vae}, device)
+    rt = ZImageRuntime(bundle, {"text_encoder": te, "transformer": sessions["transformer"], "vae_decoder": vae}, device,
+                       vram=vram)
     rt.use_size(*size)
+    from zimage_trt.runtime.memory import describe, vram_plan
+
+    predicted = describe(vram_plan(rt), vram)
     clock.stream = rt.stream  # the runtime's work runs on its own stream: time it there
     samples = Samples(device)
     switch = {}
@@ -238,7 +250,8 @@ def bench_runtime(bundle, sessions: dict, prompt, seed, device, warmup, iters, s
         if i >= warmup:
             samples.add("transformer x1", one())
     passes = rt.schedule.passes + (sum(cfg.guided) if cfg else 0)
-    result = {"stages": samples.summary(), "passes": passes, "lpad": lpad, "cuda_graph": rt.use_cuda_graph}
+    result = {"stages": samples.summary(), "passes": passes, "lpad": lpad, "cuda_graph": rt.use_cuda_graph,
+              "vram": vram, "predicted_vram": predicted}
     if loras:
         result["lora"] = {"stack": [(lo.name, s) for lo, s in loras], "switch_ms": switch}
         rt.set_loras([])  # the sessions go back with their base weights
@@ -280,7 +293,7 @@ def available_backends(requested: list[str], device: torch.device, engines) -> t
 
 def run_bench(
     model_dir, bundle_dir, backends, engines, device, prompt, seed, warmup, iters, diffusers=True, size=None,
-    guidance=None, lora_args=(),
+    guidance=None, lora_args=(), vram="all", weight_budget=None,
 ) -> dict:
     """With `guidance`, each runtime backend is measured twice, without and with it, to show what it costs. With
     LoRAs (`lora_args`: 'FILE[:STRENGTH]' of converted files), they are applied before timing, and the time of
@@ -318,13 +331,16 @@ def run_bench(
         )
     for backend in run:
         base = _memory_start(device)
-        sessions = open_sessions(backend, bundle, device, model_dir=model_dir, engines=engines, torch_dtype=torch_dtype)
+        sessions = open_sessions(backend, bundle, device, model_dir=model_dir, engines=engines, torch_dtype=torch_dtype,
+                                 weight_budget=weight_budget if backend == "tensorrt" else None)
         precision = "/".join(sorted({s.precision for s in sessions.values()}))
-        r = bench_runtime(bundle, sessions, prompt, seed, device, warmup, iters, (width, height), loras=loras)
+        r = bench_runtime(bundle, sessions, prompt, seed, device, warmup, iters, (width, height), loras=loras,
+                          vram=vram)
         r["memory"] = _memory_end(device, base)
         results["systems"][f"runtime {backend} ({precision})"] = r
         if guidance is not None:
-            r = bench_runtime(bundle, sessions, prompt, seed, device, warmup, iters, (width, height), guidance)
+            r = bench_runtime(bundle, sessions, prompt, seed, device, warmup, iters, (width, height), guidance,
+                              vram=vram)
             r["memory"] = _memory_end(device, base)
             results["systems"][f"runtime {backend} ({precision}) cfg {guidance.scale:g}"] = r
         for s in sessions.values():
@@ -385,6 +401,8 @@ def format_table(results: dict) -> str:
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
     for system, r in results["systems"].items():
+        if r.get("predicted_vram") and "CPU run" not in r["predicted_vram"]:
+            lines.append(f"{system}: {r['predicted_vram']}")
         if "lora" in r:
             sw = ", ".join(f"{k} {v:.1f} ms" for k, v in r["lora"]["switch_ms"].items())
             stack = ", ".join(f"{n}:{s:g}" for n, s in r["lora"]["stack"])

@@ -143,6 +143,7 @@ def cmd_build(args) -> None:
         opt_tokens=args.opt_tokens,
         networks=tuple(args.networks.split(",")) if args.networks else BuildOptions().networks,
         refittable=args.refittable,
+        weight_streaming=args.weight_streaming,
         force=args.force,
         check_memory=not args.skip_memory_check,
         opt_level=args.opt_level,
@@ -184,8 +185,21 @@ def _sessions(args, bundle):
         model_dir=args.model,
         engines=args.engines,
         torch_dtype=args.torch_dtype,
+        weight_budget=_weight_budget(args),
     )
     return sessions, device
+
+
+def _weight_budget(args) -> int | None:
+    """--weight-budget GB -> bytes (None: every weight on the GPU)."""
+    gb = getattr(args, "weight_budget", None)
+    if gb is None:
+        return None
+    if not gb > 0:
+        raise UserError(f"--weight-budget must be a positive number of GB, not {gb}")
+    if getattr(args, "backend", "tensorrt") != "tensorrt":
+        raise UserError("--weight-budget is for --backend tensorrt (engines built with --weight-streaming)")
+    return int(gb * 1e9)
 
 
 def cmd_generate(args) -> None:
@@ -198,7 +212,11 @@ def cmd_generate(args) -> None:
     sessions, device = _sessions(args, bundle)
     guidance = _guidance(args)
     loras = _loras(args, bundle)
-    rt = ZImageRuntime(bundle, sessions, device, steps=args.steps, generator_device=args.generator_device)
+    rt = ZImageRuntime(bundle, sessions, device, steps=args.steps, generator_device=args.generator_device,
+                       vram=args.vram)
+    from zimage_trt.runtime.memory import describe, measured_line, vram_plan
+
+    print(describe(vram_plan(rt), args.vram))
     if loras:
         seconds = rt.set_loras(loras)
         print(f"LoRA {_describe_loras(loras)} applied in {seconds * 1e3:.0f} ms")
@@ -208,6 +226,8 @@ def cmd_generate(args) -> None:
     save_png(pixels, args.out)
     passes = rt.schedule.passes + (sum(guidance.guided_steps(rt.schedule)) if guidance else 0)
     print(f"{args.out}: {size[0]}x{size[1]}, {passes} transformer passes, {args.backend}, {elapsed:.2f} s")
+    if measured_line(device):
+        print(measured_line(device))
 
 
 def _loras(args, bundle) -> list:
@@ -276,7 +296,7 @@ def cmd_bench(args) -> None:
     results = run_bench(
         args.model, args.bundle, backends, args.engines, device, args.prompt, args.seed, args.warmup, args.iters,
         diffusers=not args.no_diffusers, size=_size_list(args.size, "--size")[0] if args.size else None,
-        guidance=_guidance(args), lora_args=args.lora or [],
+        guidance=_guidance(args), lora_args=args.lora or [], vram=args.vram, weight_budget=_weight_budget(args),
     )
     table = format_table(results)
     results["table"] = table
@@ -321,7 +341,7 @@ def cmd_serve(args) -> None:
     opts = ServeOptions(
         bundle=args.bundle, backend=args.backend, engines=args.engines, model=args.model, device=args.device,
         torch_dtype=args.torch_dtype, queue_size=args.queue_size, timeout_s=args.timeout, max_n=args.max_n,
-        loras=_named_loras(args.lora),
+        loras=_named_loras(args.lora), vram=args.vram, weight_budget=_weight_budget(args),
     )
     if args.ray:
         from zimage_trt.ray_serve import parse_autoscale, run
@@ -468,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refittable", action="store_true",
                    help="make the transformer's weights refittable, so --lora applies LoRAs at run time without a "
                    "rebuild (TensorRT-RTX builds these on a GPU host only)")
+    p.add_argument("--weight-streaming", action="store_true",
+                   help="let the transformer engine stream weights from host memory, so it runs on a GPU with less "
+                   "memory than its 12.4 GB of fp16 weights; choose the on-GPU share at run time with --weight-budget")
     p.add_argument("--force", action="store_true", help="rebuild even engines that are current")
     p.add_argument("--skip-memory-check", action="store_true", help="build even if host memory looks too small")
     p.add_argument("--verbose", action="store_true", help="show the builder's log")
@@ -490,7 +513,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a LoRA converted by `zimage-trt lora`, with a strength from -4 to 4 (default 1.0); "
                        "repeat to stack LoRAs")
 
+    def memory_args(p):
+        p.add_argument("--vram", default="all", choices=("all", "sequential"),
+                       help="all (default): every network stays on the GPU. sequential: the text encoder and the "
+                       "transformer + VAE take turns on the GPU (peak: the larger of the two), for 16-24 GB cards; "
+                       "slower, the weights move every image")
+        p.add_argument("--weight-budget", type=float, metavar="GB",
+                       help="tensorrt, engines built with --weight-streaming: GB of transformer weights kept on the "
+                       "GPU; the rest streams from host memory each pass (default: all on the GPU)")
+
     def runtime_args(p):
+        memory_args(p)
         p.add_argument("--bundle", required=True, help="bundle folder made by `zimage-trt export`")
         p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"),
                        help="onnxruntime (default), torch (eager reference, needs --model), tensorrt (needs --engines)")
@@ -547,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", metavar="WxH", help="image size to measure (default: the bundle's opt size)")
     guidance_args(p)
     lora_args(p)
+    memory_args(p)
     p.add_argument("--json", help="also write the results as JSON here")
     p.set_defaults(func=cmd_bench)
 

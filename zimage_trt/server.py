@@ -47,6 +47,8 @@ class ServeOptions:
     max_steps: int = 50
     warmup: bool = True
     loras: dict | None = None  # name -> converted LoRA file (`zimage-trt lora`), loaded at start
+    vram: str = "all"  # all | sequential (runtime.pipeline.VRAM_MODES)
+    weight_budget: int | None = None  # bytes of transformer weights on the GPU (engines with weight streaming)
 
 
 class ApiError(Exception):
@@ -116,8 +118,12 @@ class ImageService:
         self.bundle = Bundle.open(o.bundle)
         device = resolve_device(o.device)
         _use_device(device)  # engines and torch allocations land on the current device of the loading thread
-        sessions = open_sessions(o.backend, self.bundle, device, model_dir=o.model, engines=o.engines, torch_dtype=o.torch_dtype)
-        self.runtime = ZImageRuntime(self.bundle, sessions, device)
+        sessions = open_sessions(o.backend, self.bundle, device, model_dir=o.model, engines=o.engines,
+                                 torch_dtype=o.torch_dtype, weight_budget=o.weight_budget)
+        self.runtime = ZImageRuntime(self.bundle, sessions, device, vram=o.vram)
+        from zimage_trt.runtime.memory import describe, vram_plan
+
+        print(describe(vram_plan(self.runtime), o.vram), flush=True)
         self.sizes = self.runtime.sizes  # the bundle's range, narrowed to what the engines cover
         self.loras = self._load_loras()
         if o.warmup:

@@ -49,6 +49,7 @@ def open_sessions(
     model_dir=None,
     engines=None,
     torch_dtype: str = "fp32",
+    weight_budget: int | None = None,
 ) -> dict:
     if backend == "onnxruntime":
         from zimage_trt.runtime.ort_session import OrtSession
@@ -71,5 +72,5 @@ def open_sessions(
             raise UserError("--backend tensorrt needs --engines DIR (made by `zimage-trt build`)")
         from zimage_trt.runtime.trt_session import open_engine_sessions
 
-        return open_engine_sessions(bundle, engines, device)
+        return open_engine_sessions(bundle, engines, device, weight_budget)
     raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -1,0 +1,69 @@
+"""What a generation needs on the GPU, per memory mode, from what is loaded: said before the work starts.
+
+    weights      per network: a torch module's parameters and buffers, an engine's plan size (its weights and
+                 kernels; with weight streaming, at most its budget), nothing for onnxruntime on the CPU
+    buffers      the runtime's own tensors (captions, latents, velocity, image), allocated once
+    activations  TensorRT: the shared execution block the engines report (exact); eager PyTorch: not predicted
+                 (the allocator's measured peak is printed after the run instead)
+
+    all          text encoder + transformer + VAE + buffers + activations
+    sequential   max(text encoder, transformer + VAE) + buffers + activations
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .pipeline import VRAM_MODES
+
+
+def weight_bytes(session) -> int:
+    module = getattr(session, "module", None)
+    if module is not None:
+        tensors = list(module.parameters()) + list(module.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors if t.device.type == "cuda" or session.device.type == "cuda")
+    meta = getattr(session, "meta", None)
+    if meta is not None:
+        size = int(meta["build"]["engine_bytes"])
+        budget = getattr(session, "weight_budget", None)
+        return min(size, budget) if budget else size
+    return 0
+
+
+def vram_plan(rt) -> dict:
+    """Bytes per part and the predicted peak of each mode, for the runtime `rt` as loaded (on a CPU: zeros)."""
+    if rt.device.type != "cuda":
+        return {}
+    w = {name: weight_bytes(s) for name, s in rt.sessions.items()}
+    buffers = sum(t.numel() * t.element_size() for t in (
+        rt.ids, rt.caption, rt.cap_len, rt.timestep, rt._latents_store, rt._velocity_store, rt._image_store))
+    block = getattr(rt.transformer, "shared_memory", None)
+    activations = block.numel() if isinstance(block, torch.Tensor) else None
+    base = buffers + (activations or 0)
+    return {
+        "weights": w,
+        "buffers": buffers,
+        "activations": activations,
+        "all": w["text_encoder"] + w["transformer"] + w["vae_decoder"] + base,
+        "sequential": max(w["text_encoder"], w["transformer"] + w["vae_decoder"]) + base,
+    }
+
+
+def describe(plan: dict, mode: str) -> str:
+    """One line: the predicted peak of each mode, its parts, and which mode runs."""
+    if not plan:
+        return "predicted VRAM: nothing on a GPU (CPU run)"
+    gb = lambda n: f"{n / 1e9:.1f}"  # noqa: E731
+    w = plan["weights"]
+    acts = (f" + engine activations {gb(plan['activations'])}" if plan["activations"] is not None
+            else " + activations (eager PyTorch: measured after the run)")
+    modes = ", ".join(f"{m} {gb(plan[m])} GB{' (this run)' if m == mode else ''}" for m in VRAM_MODES)
+    return (f"predicted peak VRAM: {modes}; parts: text encoder {gb(w['text_encoder'])} + transformer "
+            f"{gb(w['transformer'])} + VAE {gb(w['vae_decoder'])} + buffers {gb(plan['buffers'])}{acts} GB")
+
+
+def measured_line(device) -> str:
+    if device.type != "cuda":
+        return ""
+    return (f"measured peak (PyTorch's allocator, which holds torch weights, the runtime's buffers and torch "
+            f"activations; not TensorRT's own): {torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB")
