@@ -53,13 +53,13 @@ def describe(plan: dict, mode: str) -> str:
     """One line: the predicted peak of each mode, its parts, and which mode runs."""
     if not plan:
         return "predicted VRAM: nothing on a GPU (CPU run)"
-    gb = lambda n: f"{n / 1e9:.1f}"  # noqa: E731
+    gb = lambda n: f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"  # noqa: E731
     w = plan["weights"]
     acts = (f" + engine activations {gb(plan['activations'])}" if plan["activations"] is not None
             else " + activations (eager PyTorch: measured after the run)")
-    modes = ", ".join(f"{m} {gb(plan[m])} GB{' (this run)' if m == mode else ''}" for m in VRAM_MODES)
+    modes = ", ".join(f"{m} {gb(plan[m])}{' (this run)' if m == mode else ''}" for m in VRAM_MODES)
     return (f"predicted peak VRAM: {modes}; parts: text encoder {gb(w['text_encoder'])} + transformer "
-            f"{gb(w['transformer'])} + VAE {gb(w['vae_decoder'])} + buffers {gb(plan['buffers'])}{acts} GB")
+            f"{gb(w['transformer'])} + VAE {gb(w['vae_decoder'])} + buffers {gb(plan['buffers'])}{acts}")
 
 
 def measured_line(device) -> str:

@@ -136,7 +136,7 @@ def assert_replay_after_other_shapes_equals_eager(bundle, sessions) -> None:
             assert torch.equal(graph.latents, want[(size, prompt)]), (size, prompt)
     graph.generate(a, 7, size=sizes[0])  # the first size again, after the second size's graphs
     assert torch.equal(graph.latents, want[(sizes[0], a)])
-    assert set(graph._graphs) == {(s, lp, 9) for s in sizes for lp in (32, 64)}
+    assert set(graph._graphs) == {(s, lp, 9, None) for s in sizes for lp in (32, 64)}  # None: no guidance
 
 
 def test_torch_graph_replay_after_other_shapes_equals_eager(tiny_model, fp32_range_bundle):

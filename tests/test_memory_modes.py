@@ -66,7 +66,7 @@ def test_predicted_vram_line_names_each_mode_and_part():
     plan["sequential"] = 12.46e9 + 0.95e9
     line = describe(plan, "sequential")
     assert "all 21.3 GB" in line and "sequential 13.4 GB (this run)" in line
-    assert "text encoder 7.8 + transformer 12.4 + VAE 0.1 + buffers 0.1 + engine activations 0.9 GB" in line
+    assert "text encoder 7.8 GB + transformer 12.4 GB + VAE 100 MB + buffers 50 MB + engine activations 900 MB" in line
     assert describe({}, "all") == "predicted VRAM: nothing on a GPU (CPU run)"
 
 
