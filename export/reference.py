@@ -21,7 +21,9 @@ def reference_modules(model_dir, dtype=torch.float32, device="cpu", fp16_scales:
     """
     qwen = checkpoint.load_text_encoder(model_dir, dtype, device)
     if dtype == torch.float16 and fp16_scales:
-        dit = checkpoint.load_transformer(model_dir, torch.float32, device)
+        # Folded in float32 on the host, then cast and moved: the GPU never holds the float32 transformer
+        # (24.6 GB at full size, more than a 24 GB card has).
+        dit = checkpoint.load_transformer(model_dir, torch.float32, "cpu")
         fold_rescale(dit, fp16_scales)
     else:
         dit = checkpoint.load_transformer(model_dir, dtype, device)
