@@ -15,9 +15,12 @@ from .session import check_io
 class TorchSession:
     capturable = True  # pure tensor code with no host syncs
 
-    def __init__(self, name: str, module: torch.nn.Module, device: torch.device, precision: str = "fp32"):
+    def __init__(
+        self, name: str, module: torch.nn.Module, device: torch.device, precision: str = "fp32", resident: bool = True
+    ):
+        """resident=False (--vram sequential): the module stays in host memory until the runtime acquires it."""
         self.name, self.device, self.precision = name, device, precision
-        self.module = module.to(device).eval()
+        self.module = (module.to(device) if resident else module).eval()
         self.input_names = list(module.input_names)
         self.output_names = list(module.output_names)
 

@@ -244,7 +244,9 @@ class TrtSession:
         self.block = self.shared_memory = None
 
 
-def open_engine_sessions(bundle: Bundle, engines_dir, device: torch.device, weight_budget: int | None = None) -> dict:
+def open_engine_sessions(
+    bundle: Bundle, engines_dir, device: torch.device, weight_budget: int | None = None, sequential: bool = False
+) -> dict:
     engines_dir = Path(engines_dir)
     if not engines_dir.is_dir():
         raise UserError(
@@ -275,18 +277,19 @@ def open_engine_sessions(bundle: Bundle, engines_dir, device: torch.device, weig
     runtime = flavour.trt.Runtime(flavour.logger())
     # The transformer's loop is recorded per caption length (at most 16): its kernels are specialised up front.
     # The text encoder sees a new length with nearly every prompt: it runs generic kernels meanwhile.
+    sessions, sizes = {}, {}
     with torch.cuda.device(device):  # TensorRT places engines on the current CUDA device
-        sessions = {
-            n: TrtSession(n, flavour, runtime, files[n], device, metas[n], recorded=(n == "transformer"), fix=fix,
-                          weight_budget=weight_budget if n == "transformer" else None)
-            for n in NETWORKS
-        }
-    for n, s in sessions.items():
-        s.onnx_path = bundle.onnx_path(n)
+        for n in NETWORKS:  # the text encoder first: in sequential mode it leaves before the others come
+            sessions[n] = TrtSession(n, flavour, runtime, files[n], device, metas[n], recorded=(n == "transformer"),
+                                     fix=fix, weight_budget=weight_budget if n == "transformer" else None)
+            sizes[n] = sessions[n].device_memory_size
+            if sequential and n == "text_encoder":
+                sessions[n].release()
     # The engines run one after another on one stream: one block, sized for the largest, serves them all.
-    size = max(s.device_memory_size for s in sessions.values())
-    block = torch.empty(max(size, 1), dtype=torch.uint8, device=device)
+    block = torch.empty(max(max(sizes.values()), 1), dtype=torch.uint8, device=device)
     for s in sessions.values():
         s.bind_device_memory(block)
         s.shared_memory = block  # keeps the block alive with the sessions
+    for n, s in sessions.items():
+        s.onnx_path = bundle.onnx_path(n)
     return sessions

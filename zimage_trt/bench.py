@@ -332,7 +332,7 @@ def run_bench(
     for backend in run:
         base = _memory_start(device)
         sessions = open_sessions(backend, bundle, device, model_dir=model_dir, engines=engines, torch_dtype=torch_dtype,
-                                 weight_budget=weight_budget if backend == "tensorrt" else None)
+                                 weight_budget=weight_budget if backend == "tensorrt" else None, vram=vram)
         precision = "/".join(sorted({s.precision for s in sessions.values()}))
         r = bench_runtime(bundle, sessions, prompt, seed, device, warmup, iters, (width, height), loras=loras,
                           vram=vram)

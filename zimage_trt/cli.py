@@ -186,6 +186,7 @@ def _sessions(args, bundle):
         engines=args.engines,
         torch_dtype=args.torch_dtype,
         weight_budget=_weight_budget(args),
+        vram=getattr(args, "vram", "all"),
     )
     return sessions, device
 
@@ -522,8 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tensorrt, engines built with --weight-streaming: GB of transformer weights kept on the "
                        "GPU; the rest streams from host memory each pass (default: all on the GPU)")
 
-    def runtime_args(p):
-        memory_args(p)
+    def runtime_args(p, memory: bool = True):
+        if memory:  # parity compares every stage with everything loaded: no memory modes there
+            memory_args(p)
         p.add_argument("--bundle", required=True, help="bundle folder made by `zimage-trt export`")
         p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"),
                        help="onnxruntime (default), torch (eager reference, needs --model), tensorrt (needs --engines)")
@@ -549,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("parity", help="compare every stage of a backend with eager PyTorch and diffusers",
                        description="Per-network errors against the float32 reference modules and the image's PSNR "
                        "against diffusers' ZImagePipeline, as a table. Exit 2 if a stage is out of bounds.")
-    runtime_args(p)
+    runtime_args(p, memory=False)
     p.set_defaults(model=None)
     p.add_argument("--prompt", default="A photograph of a red fox sitting in fresh snow at sunrise")
     p.add_argument("--seed", type=int, default=42)

@@ -119,7 +119,7 @@ class ImageService:
         device = resolve_device(o.device)
         _use_device(device)  # engines and torch allocations land on the current device of the loading thread
         sessions = open_sessions(o.backend, self.bundle, device, model_dir=o.model, engines=o.engines,
-                                 torch_dtype=o.torch_dtype, weight_budget=o.weight_budget)
+                                 torch_dtype=o.torch_dtype, weight_budget=o.weight_budget, vram=o.vram)
         self.runtime = ZImageRuntime(self.bundle, sessions, device, vram=o.vram)
         from zimage_trt.runtime.memory import describe, vram_plan
 

@@ -50,7 +50,11 @@ def open_sessions(
     engines=None,
     torch_dtype: str = "fp32",
     weight_budget: int | None = None,
+    vram: str = "all",
 ) -> dict:
+    """The three sessions of `bundle` on `backend`. vram="sequential": nothing is left on the GPU at load beyond
+    what one group needs (the runtime's --vram sequential then moves the groups in turn)."""
+    sequential = vram == "sequential" and device.type == "cuda"
     if backend == "onnxruntime":
         from zimage_trt.runtime.ort_session import OrtSession
 
@@ -62,15 +66,16 @@ def open_sessions(
         from zimage_trt.runtime.torch_session import TorchSession
 
         scales = bundle.network("transformer").get("fp16_scales")
-        mods = reference_modules(model_dir, TORCH_DTYPES[torch_dtype], device, scales)
+        # sequential: built in host memory, moved to the GPU by the runtime when their turn comes
+        mods = reference_modules(model_dir, TORCH_DTYPES[torch_dtype], "cpu" if sequential else device, scales)
         precision = {n: torch_dtype for n in mods}
         if torch_dtype == "fp16":
             precision["vae_decoder"] = "bf16"
-        return {n: TorchSession(n, m, device, precision[n]) for n, m in mods.items()}
+        return {n: TorchSession(n, m, device, precision[n], resident=not sequential) for n, m in mods.items()}
     if backend == "tensorrt":
         if engines is None:
             raise UserError("--backend tensorrt needs --engines DIR (made by `zimage-trt build`)")
         from zimage_trt.runtime.trt_session import open_engine_sessions
 
-        return open_engine_sessions(bundle, engines, device, weight_budget)
+        return open_engine_sessions(bundle, engines, device, weight_budget, sequential=sequential)
     raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
