@@ -125,7 +125,17 @@ def _check_file(component: str, path: Path) -> None:
         _read_json(component, path)
 
 
+def _quiet_loading() -> None:
+    """No "Loading checkpoint shards" bars from the libraries over our own progress bar."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def _load(component: str, fn):
+    _quiet_loading()
     try:
         return fn()
     except UserError:
