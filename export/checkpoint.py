@@ -68,7 +68,7 @@ def _read_json(component: str, path: Path):
         raise UserError(f"component '{component}': {path.name} is not valid JSON ({exc})") from None
 
 
-def _check_safetensors(component: str, path: Path) -> dict:
+def check_safetensors(component: str, path: Path) -> dict:
     """Read the header and check the file holds every byte it promises: catches truncated downloads early.
     Returns the header (name -> dtype, shape, offsets)."""
     size = path.stat().st_size
@@ -91,7 +91,7 @@ def weight_shapes(model_dir: str | Path, component: str) -> dict[str, list[int]]
     """{parameter name: shape} of a component, from its safetensors headers alone (nothing is loaded)."""
     shapes = {}
     for path in sorted((Path(model_dir) / component).glob("*.safetensors")):
-        for name, info in _check_safetensors(component, path).items():
+        for name, info in check_safetensors(component, path).items():
             if name != "__metadata__":
                 shapes[name] = list(info["shape"])
     return shapes
@@ -103,7 +103,7 @@ def weight_count(model_dir: str | Path, component: str) -> int:
     folder = Path(model_dir) / component
     total = 0
     for path in sorted(folder.glob("*.safetensors")):
-        for name, info in _check_safetensors(component, path).items():
+        for name, info in check_safetensors(component, path).items():
             if name != "__metadata__":
                 count = 1
                 for d in info["shape"]:
@@ -114,13 +114,13 @@ def weight_count(model_dir: str | Path, component: str) -> int:
 
 def _check_file(component: str, path: Path) -> None:
     if path.name.endswith(".safetensors"):
-        _check_safetensors(component, path)
+        check_safetensors(component, path)
     elif path.name.endswith(".index.json"):
         index = _read_json(component, path)
         for shard in sorted(set(index.get("weight_map", {}).values())):
             if not (path.parent / shard).is_file():
                 raise UserError(f"component '{component}' is incomplete: shard {shard} is missing")
-            _check_safetensors(component, path.parent / shard)
+            check_safetensors(component, path.parent / shard)
     elif path.name.endswith(".json"):
         _read_json(component, path)
 

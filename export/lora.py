@@ -23,7 +23,7 @@ from zimage_trt.errors import UserError
 from zimage_trt.files import write_atomic, writing
 from zimage_trt.runtime.lora import LORA_FORMAT, LORA_VERSION, bundle_weights, metadata_json
 
-from .checkpoint import _check_safetensors
+from .checkpoint import check_safetensors
 
 _PAIR = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
@@ -49,7 +49,7 @@ def read_lora(path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     if not path.is_file():
         raise UserError(f"LoRA {path}: no such file")
     if path.suffix == ".safetensors":
-        _check_safetensors(f"LoRA {path.name}", path)  # a truncated download is one line, before diffusers
+        check_safetensors(f"LoRA {path.name}", path)  # a truncated download is one line, before diffusers
     try:
         state, config = ZImagePipeline.lora_state_dict(str(path), return_lora_metadata=True)
     except Exception as exc:  # noqa: BLE001 - whatever diffusers raises about the file is the user's one line
