@@ -321,25 +321,19 @@ class _Exporter:
     def _calibrate(self) -> dict:
         from zimage_trt.calibration import default_prompts
 
-        from .calibrate import measure_peaks
+        from .calibrate import calibrate
 
         prompts = self.opts.calibration_prompts or default_prompts()
         self.step(f"transformer: calibrating fp16 scales on {len(prompts)} prompts")
         # bf16 on a GPU is fast; the scales are powers of two with 16x headroom, so its rounding of a peak cannot
         # move a scale by more than one step. fp32 on a CPU, where bf16 is slow.
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        pipe = checkpoint.load_pipeline(self.model_dir, dtype, self.device)
-        if self.opts.loras:  # calibrate what is exported: the weights with the LoRAs baked in
-            from .lora import bake_loras
-
-            pipe.transformer.float()
-            bake_loras(pipe.transformer, self.opts.loras)
-            pipe.transformer.to(dtype)
         # At the opt size: the peaks are per-channel activations, which grow little with the token count, and
         # the scales keep 16x headroom.
         width, height = self.opts.sizes.opt
-        peaks = measure_peaks(pipe, prompts, height, width, self.opts.calibration_steps)
-        del pipe
+        # One network on the GPU at a time (calibrate.py), with the LoRAs baked in: what is exported
+        peaks = calibrate(self.model_dir, prompts, height, width, self.opts.calibration_steps, dtype, self.device,
+                          self.opts.loras)
         self.extra["fp16_peaks"] = peaks
         return peaks
 

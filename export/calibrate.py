@@ -3,6 +3,11 @@
 The reference pipeline runs the calibration prompts through the whole schedule (9 steps, guidance 0) at the
 bundle's resolution; forward hooks record, per block, the largest |value| of the attention output projection,
 of the SwiGLU product (the input of w2) and of w2's output.
+
+`calibrate` does it one network at a time, so the GPU never holds the text encoder and the transformer together
+(8 + 12 GB at full size in bf16): the text encoder alone computes every prompt's caption features and is freed,
+then the transformer alone runs the schedule on them. The same pipeline code computes both halves, so the peaks
+equal those of the whole pipeline (tested).
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from .fp16 import blocks
 
 
 @torch.no_grad()
-def measure_peaks(pipe, prompts: list[str], height: int, width: int, steps: int = 9, seed: int = 0, progress=None):
+def measure_peaks(pipe, prompts, height: int, width: int, steps: int = 9, seed: int = 0, progress=None):
+    """prompts: texts, or caption features (a list of [tokens, dim] tensors, one per prompt: what
+    ZImagePipeline.encode_prompt gives) for a pipeline without a text encoder."""
     peaks: dict[str, dict[str, float]] = {}
     handles = []
 
@@ -34,8 +41,9 @@ def measure_peaks(pipe, prompts: list[str], height: int, width: int, steps: int 
         pipe.set_progress_bar_config(disable=True)
         for i, prompt in enumerate(prompts):
             generator = torch.Generator("cpu").manual_seed(seed + i)
+            text = {"prompt": prompt} if isinstance(prompt, str) else {"prompt_embeds": [prompt]}
             pipe(
-                prompt,
+                **text,
                 height=height,
                 width=width,
                 num_inference_steps=steps,
@@ -49,3 +57,46 @@ def measure_peaks(pipe, prompts: list[str], height: int, width: int, steps: int 
         for h in handles:
             h.remove()
     return peaks
+
+
+@torch.no_grad()
+def caption_features(model_dir, prompts: list[str], dtype, device) -> list[torch.Tensor]:
+    """Each prompt's caption features as the reference pipeline computes them, with the text encoder loaded alone
+    (and freed on return)."""
+    from diffusers import ZImagePipeline
+
+    from . import checkpoint
+
+    text_encoder = checkpoint.load_text_encoder(model_dir, dtype, device)
+    pipe = ZImagePipeline(scheduler=None, vae=None, text_encoder=text_encoder,
+                          tokenizer=checkpoint.load_tokenizer(model_dir), transformer=None)
+    features = [pipe.encode_prompt(p, device, do_classifier_free_guidance=False)[0][0] for p in prompts]
+    del pipe, text_encoder
+    return features
+
+
+def calibrate(model_dir, prompts: list[str], height: int, width: int, steps: int, dtype, device, loras=()) -> dict:
+    """The peaks of `measure_peaks`, one network on the GPU at a time (see the module docstring); `loras`
+    [(file, scale)] are baked into the transformer first, so the peaks are those of what is exported."""
+    import gc
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+    from . import checkpoint
+
+    features = caption_features(model_dir, prompts, dtype, device)
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(checkpoint.check_layout(model_dir) / "scheduler")
+    transformer = checkpoint.load_transformer(model_dir, dtype, device)
+    if loras:
+        from .lora import bake_loras
+
+        bake_loras(transformer.float(), list(loras))  # in float32, as the export bakes them
+        transformer.to(dtype)
+    pipe = ZImagePipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, transformer=transformer)
+    try:
+        return measure_peaks(pipe, features, height, width, steps)
+    finally:
+        del pipe, transformer

@@ -92,3 +92,13 @@ def test_naive_fp16_overflows_and_rescaled_fp16_does_not(hot, dit_inputs, tmp_pa
     result = check_onnx("rescaled", tmp_path / "ours.onnx", reference, dit_inputs, "fp16")
     assert np.isfinite(result.rel)
     assert result.rel <= TOLERANCE["fp16"], result.line()
+
+
+def test_calibration_one_network_at_a_time_equals_the_whole_pipeline(tiny_model, reference_pipeline):
+    """The lean calibration (text encoder alone, freed, then the transformer alone) measures the very peaks the
+    whole pipeline measures."""
+    from zimage_trt.export.calibrate import calibrate, measure_peaks
+
+    prompts = ["A photograph of a red fox sitting in fresh snow at sunrise", "a bowl of ramen"]
+    whole = measure_peaks(reference_pipeline, prompts, 128, 128, 9)
+    assert calibrate(tiny_model, prompts, 128, 128, 9, torch.float32, "cpu") == whole
