@@ -75,6 +75,7 @@ class ExportOptions:
     calibration_prompts: list[str] | None = None
     calibration_steps: int = 9
     loras: list = field(default_factory=list)  # [(original LoRA file, scale)] baked into the transformer
+    max_gpu_memory: int | None = None  # bytes this process may take on the GPU (--max-gpu-memory)
     force: bool = False
 
     @property
@@ -97,6 +98,8 @@ def validate_options(opts: ExportOptions) -> None:
         raise UserError(f"--check must be auto, always or never, not {opts.check!r}")
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {opts.device} was asked for but PyTorch sees no CUDA GPU")
+    if opts.max_gpu_memory is not None and not opts.device.startswith("cuda"):
+        raise UserError("--max-gpu-memory caps an export on the GPU; add --device cuda (a CPU export uses no GPU)")
 
 
 def sha256_of(paths: list[Path]) -> str:
@@ -422,6 +425,15 @@ def export_bundle(model_dir, out, opts: ExportOptions | None = None, progress=No
         return _export_to(model_dir, out, opts, progress)
 
 
+def cap_gpu_memory(device: torch.device, limit: int) -> None:
+    """Let this process take at most `limit` bytes of the GPU (PyTorch's allocator refuses beyond it), so an
+    export that fits here fits a card of that size."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    if limit > total:
+        raise UserError(f"--max-gpu-memory {limit / 2**30:.1f} GiB is more than this GPU's {total / 2**30:.1f} GiB")
+    torch.cuda.set_per_process_memory_fraction(limit / total, device)
+
+
 def _export_to(model_dir: Path, out: Path, opts: ExportOptions, progress) -> dict:
     from tqdm import tqdm
 
@@ -430,6 +442,8 @@ def _export_to(model_dir: Path, out: Path, opts: ExportOptions, progress) -> dic
     own_bar = progress is None
     progress = progress or tqdm(total=7, unit="step", dynamic_ncols=True)
     exporter = None
+    if opts.max_gpu_memory is not None:
+        cap_gpu_memory(torch.device(opts.device), opts.max_gpu_memory)
     try:
         work.mkdir(parents=True)
         scheduler = _scheduler_params(model_dir)
@@ -451,6 +465,12 @@ def _export_to(model_dir: Path, out: Path, opts: ExportOptions, progress) -> dic
             os.replace(work, out)
         progress.set_description("export done")
         return manifest
+    except torch.OutOfMemoryError:
+        shutil.rmtree(work, ignore_errors=True)
+        stage = exporter.progress.desc if exporter is not None else "loading"
+        cap = f"the --max-gpu-memory cap of {opts.max_gpu_memory / 2**30:.1f} GiB" if opts.max_gpu_memory else "the GPU"
+        raise UserError(f"the export ran out of GPU memory under {cap} at '{stage}'; use a larger GPU or cap, or "
+                        "export with --device cpu (host memory instead)") from None
     except OSError as exc:
         shutil.rmtree(work, ignore_errors=True)
         # named as the user will know it: the file in --out (it is written in the partial folder beside it)

@@ -93,8 +93,8 @@ def calibrate(model_dir, prompts: list[str], height: int, width: int, steps: int
     if loras:
         from .lora import bake_loras
 
-        bake_loras(transformer.float(), list(loras))  # in float32, as the export bakes them
-        transformer.to(dtype)
+        bake_loras(torch.nn.Module.float(transformer), list(loras))  # in float32, as the export bakes them
+        torch.nn.Module.to(transformer, dtype)
     pipe = ZImagePipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, transformer=transformer)
     try:
         return measure_peaks(pipe, features, height, width, steps)

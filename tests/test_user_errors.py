@@ -187,3 +187,20 @@ def test_a_device_that_is_not_here_is_one_line(capsys, fp32_bundle, tmp_path, de
     code, err = run_cli(capsys, "generate", "--bundle", str(fp32_bundle), "--prompt", "a", "--device", device,
                         "--out", str(tmp_path / "o.png"))
     assert_one_line_error(code, err, needle)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--max-gpu-memory", "22GiB"], "add --device cuda"),
+    (["--max-gpu-memory", "lots", "--device", "cuda"], "is not a size"),
+])
+def test_max_gpu_memory_mistakes_are_one_line(capsys, tiny_model, tmp_path, extra, needle):
+    code, err = run_cli(capsys, "export", "--model", str(tiny_model), "--out", str(tmp_path / "b"), *extra)
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "b").exists()
+
+
+def test_sizes_parse_in_binary_and_decimal_units():
+    from zimage_trt.cli import parse_bytes
+
+    assert parse_bytes("22GiB", "x") == 22 * 2**30 and parse_bytes("20GB", "x") == 20 * 10**9
+    assert parse_bytes("22", "x") == 22 * 2**30 and parse_bytes("512MiB", "x") == 512 * 2**20

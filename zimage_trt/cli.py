@@ -97,6 +97,17 @@ def _export_sizes(args):
     return SizeRange.square_range(args.size_range, parse_size(args.opt_size or "1024x1024", "--opt-size"))
 
 
+def parse_bytes(text: str, what: str) -> int:
+    """'22GiB', '22GB', '22G' or '22' (GiB) -> bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(GiB|GB|G|MiB|MB|M)?\s*", text or "")
+    if not m or float(m[1]) <= 0:
+        raise UserError(f"{what} {text!r} is not a size; write it like 22GiB or 20GB")
+    unit = {"GiB": 2**30, "G": 2**30, None: 2**30, "GB": 10**9, "MiB": 2**20, "M": 2**20, "MB": 10**6}[m[2]]
+    return int(float(m[1]) * unit)
+
+
 def _lora_source(text: str) -> tuple[str, float]:
     """export --lora FILE[:SCALE]: an original LoRA file (any format diffusers reads) and its scale."""
     from zimage_trt.runtime.lora import parse_lora_arg
@@ -122,6 +133,7 @@ def cmd_export(args) -> None:
         fp16_scales=_load_scales(args.fp16_scales),
         calibration_prompts=_read_prompts(args.calibration_prompts),
         loras=[_lora_source(text) for text in args.lora or []],
+        max_gpu_memory=parse_bytes(args.max_gpu_memory, "--max-gpu-memory") if args.max_gpu_memory else None,
         force=args.force,
     )
     start = time.perf_counter()
@@ -453,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                    help="bake a LoRA into the transformer's weights (any format diffusers reads: PEFT, kohya, "
                    "ComfyUI, ...; scale default 1.0); repeatable, the manifest records each")
+    p.add_argument("--max-gpu-memory", metavar="SIZE",
+                   help="with --device cuda: the most GPU memory the export may take, e.g. 22GiB for a 24 GB card "
+                   "(out of it: one line naming the stage)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_export)
 
