@@ -176,8 +176,10 @@ def _check_mode(opts: ExportOptions, module, precision: str, device: torch.devic
 class _Exporter:
     """One export run: loads each component, exports it, checks it, and frees it before the next."""
 
-    def __init__(self, model_dir: Path, work: Path, opts: ExportOptions, progress):
+    def __init__(self, model_dir: Path, work: Path, opts: ExportOptions, progress, loras: list):
+        """loras: the LoRAs of opts.loras, read (export/lora.py SourceLora), baked into the transformer."""
         self.model_dir, self.work, self.opts, self.progress = model_dir, work, opts, progress
+        self.loras = loras
         self.device = torch.device(opts.device)
         self.gen = torch.Generator("cpu").manual_seed(0)
         self.checks: list[CheckResult] = []
@@ -260,11 +262,12 @@ class _Exporter:
         self.step("transformer: loading")
         dit = checkpoint.load_transformer(self.model_dir, torch.float32, self.device)
         self.extra["transformer_config"] = {k: v for k, v in dit.config.items() if not k.startswith("_")}
-        if self.opts.loras:
+        if self.loras:
             from .lora import bake_loras
 
-            self.step(f"transformer: baking {len(self.opts.loras)} LoRA(s)")
-            self.extra["loras"] = bake_loras(dit, self.opts.loras)
+            self.step(f"transformer: baking {len(self.loras)} LoRA(s)")
+            bake_loras(dit, self.loras)
+            self.extra["loras"] = [source.record() for source in self.loras]
         scales = None
         if prec == "fp16":
             scales = self.opts.fp16_scales
@@ -336,7 +339,7 @@ class _Exporter:
         width, height = self.opts.sizes.opt
         # One network on the GPU at a time (calibrate.py), with the LoRAs baked in: what is exported
         peaks = calibrate(self.model_dir, prompts, height, width, self.opts.calibration_steps, dtype, self.device,
-                          self.opts.loras)
+                          self.loras)
         self.extra["fp16_peaks"] = peaks
         return peaks
 
@@ -412,17 +415,17 @@ def export_bundle(model_dir, out, opts: ExportOptions | None = None, progress=No
     out = Path(out)
     if out.exists() and not opts.force:
         raise UserError(f"{out} already exists; pass --force to replace it")
-    if opts.loras:  # a LoRA that does not fit is one line before anything is loaded or written
-        from .lora import check_fits, read_lora
+    loras = []
+    if opts.loras:  # read once, and a LoRA that does not fit is one line before anything is loaded or written
+        from .lora import read_sources
 
         shapes = {k: v for k, v in checkpoint.weight_shapes(model_dir, "transformer").items() if len(v) == 2}
-        for path, _ in opts.loras:
-            check_fits(read_lora(path), shapes, "the transformer", path)
+        loras = read_sources(opts.loras, shapes)
     with TargetLock(out, "export"):
         remove_debris(out.parent, {out.name})
         need = estimate_bundle_bytes(model_dir, opts.precision)
         check_space(out.parent, need, f"writing the bundle {out}", "free space there or pass another --out")
-        return _export_to(model_dir, out, opts, progress)
+        return _export_to(model_dir, out, opts, progress, loras)
 
 
 def cap_gpu_memory(device: torch.device, limit: int) -> None:
@@ -434,7 +437,7 @@ def cap_gpu_memory(device: torch.device, limit: int) -> None:
     torch.cuda.set_per_process_memory_fraction(limit / total, device)
 
 
-def _export_to(model_dir: Path, out: Path, opts: ExportOptions, progress) -> dict:
+def _export_to(model_dir: Path, out: Path, opts: ExportOptions, progress, loras: list) -> dict:
     from tqdm import tqdm
 
     work = temp_path(out, "partial")
@@ -450,7 +453,7 @@ def _export_to(model_dir: Path, out: Path, opts: ExportOptions, progress) -> dic
         _copy_tokenizer(model_dir, work / "tokenizer")
         (work / "scheduler.json").write_text(json.dumps(scheduler, indent=2) + "\n")
         progress.update(1)
-        exporter = _Exporter(model_dir, work, opts, progress)
+        exporter = _Exporter(model_dir, work, opts, progress, loras)
         exporter.text_encoder()
         exporter.transformer()
         exporter.vae_decoder()

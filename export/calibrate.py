@@ -77,7 +77,8 @@ def caption_features(model_dir, prompts: list[str], dtype, device) -> list[torch
 
 def calibrate(model_dir, prompts: list[str], height: int, width: int, steps: int, dtype, device, loras=()) -> dict:
     """The peaks of `measure_peaks`, one network on the GPU at a time (see the module docstring); `loras`
-    [(file, scale)] are baked into the transformer first, so the peaks are those of what is exported."""
+    (read LoRAs, export/lora.py SourceLora) are baked into the transformer first, so the peaks are those of what is
+    exported."""
     import gc
 
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
@@ -93,7 +94,7 @@ def calibrate(model_dir, prompts: list[str], height: int, width: int, steps: int
     if loras:
         from .lora import bake_loras
 
-        bake_loras(torch.nn.Module.float(transformer), list(loras))  # in float32, as the export bakes them
+        bake_loras(torch.nn.Module.float(transformer), loras)  # in float32, as the export bakes them
         torch.nn.Module.to(transformer, dtype)
     pipe = ZImagePipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, transformer=transformer)
     try:

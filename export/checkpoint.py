@@ -7,6 +7,7 @@ instead of a traceback from deep inside diffusers or transformers.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from zimage_trt.errors import UserError
@@ -100,16 +101,7 @@ def weight_shapes(model_dir: str | Path, component: str) -> dict[str, list[int]]
 def weight_count(model_dir: str | Path, component: str) -> int:
     """Number of weights (elements) in a component's safetensors files, from their headers alone; what an
     export of it writes is this times the bytes of its precision."""
-    folder = Path(model_dir) / component
-    total = 0
-    for path in sorted(folder.glob("*.safetensors")):
-        for name, info in check_safetensors(component, path).items():
-            if name != "__metadata__":
-                count = 1
-                for d in info["shape"]:
-                    count *= d
-                total += count
-    return total
+    return sum(math.prod(shape) for shape in weight_shapes(model_dir, component).values())
 
 
 def _check_file(component: str, path: Path) -> None:

@@ -12,9 +12,9 @@ the weight becomes W + strength * up @ down.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from zimage_trt.errors import UserError
 from zimage_trt.files import write_atomic, writing
 from zimage_trt.runtime.lora import LORA_FORMAT, LORA_VERSION, bundle_weights, metadata_json
 
+from .bundle import sha256_of
 from .checkpoint import check_safetensors
 
 _PAIR = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
@@ -90,14 +91,6 @@ def check_fits(pairs: dict, shapes: dict[str, list[int]], what: str, path) -> No
                             f"{shapes[name][1]}]")
 
 
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def convert_lora(bundle, lora_path, out) -> dict:
     """`zimage-trt lora`: the LoRA's pairs under the bundle's weight names, in a safetensors file of its own."""
     from safetensors.torch import save
@@ -114,7 +107,7 @@ def convert_lora(bundle, lora_path, out) -> dict:
         "version": LORA_VERSION,
         "name": Path(lora_path).stem,
         "source": str(Path(lora_path).resolve()),
-        "source_sha256": file_sha256(lora_path),
+        "source_sha256": sha256_of([Path(lora_path)]),
         "transformer_sha256": bundle.network("transformer")["sha256"],
         "weights": len(pairs),
         "rank": max(up.shape[1] for up, _ in pairs.values()),
@@ -125,21 +118,35 @@ def convert_lora(bundle, lora_path, out) -> dict:
     return meta
 
 
-@torch.no_grad()
-def bake_loras(transformer: torch.nn.Module, loras: list[tuple[str, float]]) -> list[dict]:
-    """W += strength * up @ down for each LoRA, in the transformer's own (float32) weights; returns what the
-    manifest records of each. Every LoRA is checked against the model before any is applied."""
-    params = dict(transformer.named_parameters())
-    read = []
-    for path, strength in loras:
+@dataclass
+class SourceLora:
+    """A LoRA read for baking into the transformer at export: its file, scale and pairs (read once)."""
+
+    path: Path
+    scale: float
+    pairs: dict
+
+    def record(self) -> dict:
+        """What the manifest keeps of it."""
+        return {"name": self.path.stem, "sha256": sha256_of([self.path]), "scale": self.scale,
+                "weights": len(self.pairs)}
+
+
+def read_sources(loras: list[tuple[str, float]], shapes: dict[str, list[int]]) -> list[SourceLora]:
+    """Each (file, scale) read and checked against the transformer's weight shapes, before anything is applied."""
+    sources = []
+    for path, scale in loras:
         pairs = read_lora(path)
-        check_fits(pairs, {n: list(p.shape) for n, p in params.items() if p.dim() == 2}, "the transformer", path)
-        read.append((path, strength, pairs))
-    records = []
-    for path, strength, pairs in read:
-        for name, (up, down) in pairs.items():
+        check_fits(pairs, shapes, "the transformer", path)
+        sources.append(SourceLora(Path(path), scale, pairs))
+    return sources
+
+
+@torch.no_grad()
+def bake_loras(transformer: torch.nn.Module, sources: list[SourceLora]) -> None:
+    """W += scale * up @ down for each LoRA, in the transformer's own weights (float32 at export)."""
+    params = dict(transformer.named_parameters())
+    for source in sources:
+        for name, (up, down) in source.pairs.items():
             p = params[name]
-            p.add_(((up * strength) @ down).to(p.device, p.dtype))
-        records.append({"name": Path(path).stem, "sha256": file_sha256(path), "scale": strength,
-                        "weights": len(pairs)})
-    return records
+            p.add_(((up * source.scale) @ down).to(p.device, p.dtype))

@@ -116,6 +116,12 @@ def load_lora(path, bundle) -> Lora:
     return Lora(meta.get("name") or path.stem, path, pairs, meta)
 
 
+def graph_weight_key(name: str, entry: dict) -> tuple[str, bool, float]:
+    """`weight_key` of a session whose weights are the bundle graph's initializers (onnxruntime, TensorRT): the
+    initializer's name, whether it stores W^T, and the FP16 rescale folded into it."""
+    return entry["initializer"], entry["transposed"], entry["divisor"]
+
+
 def patched_weights(session, weights: dict, stack: list[tuple[Lora, float]], device):
     """(key, W + sum_k s_k * up_k @ down_k) for each weight the stack changes, in the session's own layout and
     names (`session.weight_key`: its key, whether it stores W^T, and the FP16 rescale folded into it), computed in

@@ -19,9 +19,8 @@ from .pipeline import VRAM_MODES
 
 def weight_bytes(session) -> int:
     module = getattr(session, "module", None)
-    if module is not None:
-        tensors = list(module.parameters()) + list(module.buffers())
-        return sum(t.numel() * t.element_size() for t in tensors if t.device.type == "cuda" or session.device.type == "cuda")
+    if module is not None:  # wherever it is now: in sequential mode it is on the GPU in its turn
+        return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
     meta = getattr(session, "meta", None)
     if meta is not None:
         size = int(meta["build"]["engine_bytes"])

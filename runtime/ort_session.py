@@ -7,6 +7,7 @@ import torch
 
 from zimage_trt.errors import UserError, require
 
+from .lora import graph_weight_key, read_initializers
 from .session import check_io
 
 _NP = {torch.float32: np.float32, torch.int64: np.int64, torch.float16: np.float16, torch.int32: np.int32}
@@ -51,12 +52,9 @@ class OrtSession:
         self.binding = self.session.io_binding()
 
     # LoRA (runtime/lora.py): weights are the graph's initializers, replaced by rebuilding the session
-    def weight_key(self, name: str, entry: dict) -> tuple[str, bool, float]:
-        return entry["initializer"], entry["transposed"], entry["divisor"]
+    weight_key = staticmethod(graph_weight_key)
 
     def base_weights(self, keys) -> dict:
-        from .lora import read_initializers
-
         return read_initializers(self.path, keys)
 
     def set_weights(self, values) -> None:

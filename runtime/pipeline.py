@@ -258,7 +258,7 @@ class ZImageRuntime:
         n = len(ids)
         if not 0 < n <= self.bundle.max_caption_tokens:
             raise UserError(f"a prompt must give 1..{self.bundle.max_caption_tokens} tokens, got {n}")
-        caption, cap_len = (self.neg_caption, self.neg_cap_len) if negative else (self.caption, self.cap_len)
+        caption, cap_len = self._caption(negative)
         self._make_resident("text")
         with self.on_stream():
             self.ids[0, :n].copy_(torch.tensor(ids, dtype=torch.int64), non_blocking=True)
@@ -290,30 +290,23 @@ class ZImageRuntime:
         with self.on_stream():
             self.latents.copy_(noise)
 
-    def _feeds(self, lpad: int) -> dict:
-        return {
-            "latents": self.latents,
-            "timestep": self.timestep,
-            "cap_feats": self.caption[:, :lpad],
-            "cap_len": self.cap_len,
-        }
+    def _caption(self, negative: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, length) buffers of the prompt, or of the negative prompt of guidance."""
+        return (self.neg_caption, self.neg_cap_len) if negative else (self.caption, self.cap_len)
 
-    def _neg_feeds(self, neg_lpad: int) -> dict:
-        return {
-            "latents": self.latents,
-            "timestep": self.timestep,
-            "cap_feats": self.neg_caption[:, :neg_lpad],
-            "cap_len": self.neg_cap_len,
-        }
+    def feeds(self, lpad: int, negative: bool = False) -> dict:
+        """The transformer's inputs for a caption padded to `lpad` (the unconditional one for `negative`)."""
+        caption, cap_len = self._caption(negative)
+        return {"latents": self.latents, "timestep": self.timestep, "cap_feats": caption[:, :lpad], "cap_len": cap_len}
 
     def _denoise_eager(self, lpad: int, plan: Plan, cfg: "GuidedRun | None" = None) -> None:
-        feeds, out = self._feeds(lpad), {"velocity": self.velocity}
+        feeds, out = self.feeds(lpad), {"velocity": self.velocity}
         guided = cfg.guided if cfg is not None else (False,) * plan.schedule.passes
         for t_row, neg_dt, guide in zip(plan.t_rows, plan.neg_dt_rows, guided):
             self.timestep.copy_(t_row)
             self.transformer.run(feeds, out)
             if guide:
-                self.transformer.run(self._neg_feeds(cfg.neg_lpad), {"velocity": self.neg_velocity})
+                self.transformer.run(self.feeds(cfg.neg_lpad, negative=True), {"velocity": self.neg_velocity})
                 self._combine_guidance(cfg.normalize)
             # Euler: x + dt * (-v); sign flips are exact, so this equals the reference bit for bit.
             self.velocity.mul_(neg_dt)
@@ -345,12 +338,12 @@ class ZImageRuntime:
             return graph
         while len(self._graphs) >= self.max_cuda_graphs:
             self._evict_oldest_graph()
-        feeds = self._feeds(lpad)
+        feeds = self.feeds(lpad)
         # One eager pass first: engines and kernels initialise lazily, and that must not land in the graph
         # (TensorRT: run once after a shape change before capturing, NVIDIA/TensorRT#3011).
         self.transformer.run(feeds, {"velocity": self.velocity})
         if cfg is not None:
-            self.transformer.run(self._neg_feeds(cfg.neg_lpad), {"velocity": self.neg_velocity})
+            self.transformer.run(self.feeds(cfg.neg_lpad, negative=True), {"velocity": self.neg_velocity})
         torch.cuda.synchronize(self.device)
         capturable = getattr(self.transformer, "stream_capturable", None)
         if capturable is not None and not capturable(feeds, self.stream):
@@ -378,6 +371,9 @@ class ZImageRuntime:
         if self.use_cuda_graph:
             log.warning("%s; the denoising loop runs eagerly from now on (same results, more host work)", why)
         self.use_cuda_graph = False
+        self._drop_graphs()
+
+    def _drop_graphs(self) -> None:
         while self._graphs:
             self._evict_oldest_graph()
 
@@ -435,9 +431,7 @@ class ZImageRuntime:
         with self.on_stream():
             self.transformer.set_weights(patched_weights(self.transformer, weights, stack, self.device))
         if not getattr(self.transformer, "weights_in_place", False):
-            # a refit or a rebuilt session may move weights: loops recorded against the old ones must go
-            while self._graphs:
-                self._evict_oldest_graph()
+            self._drop_graphs()  # a refit or a rebuilt session may move weights: the recorded loops must go
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.loras = list(stack)
@@ -460,8 +454,7 @@ class ZImageRuntime:
     def close(self, sessions: bool = True) -> None:
         """Free the recorded graphs and the buffers, and (unless sessions=False, for sessions the caller still
         uses) close the sessions: engines, contexts and the shared device-memory block go with them."""
-        while self._graphs:
-            self._evict_oldest_graph()
+        self._drop_graphs()
         self._graph_pool = None
         if sessions:
             for s in self.sessions.values():

@@ -14,7 +14,6 @@ and the GPU (engine/sidecar.py); a stale or foreign engine is refused with the r
 
 from __future__ import annotations
 
-import logging
 import mmap
 from pathlib import Path
 
@@ -25,9 +24,8 @@ from zimage_trt.engine.trt_api import RTX_UNSUPPORTED_CC, gpu_info, load_flavour
 from zimage_trt.errors import UserError
 
 from .bundle import NETWORKS, Bundle
+from .lora import graph_weight_key, read_initializers
 from .runtime_cache import RuntimeCacheFile, forget, save_at_exit
-
-log = logging.getLogger("zimage_trt")
 
 
 class TrtSession:
@@ -35,14 +33,15 @@ class TrtSession:
 
     def __init__(
         self, name: str, flavour, runtime, engine_file: Path, device: torch.device, meta: dict, recorded: bool,
-        fix: str, weight_budget: int | None = None,
+        fix: str, weight_budget: int | None = None, onnx_path: Path | None = None,
     ):
         """recorded: the runtime records this session's runs in CUDA graphs (the transformer). Then TensorRT-RTX
         compiles shape-specialised kernels eagerly at the first run of a new shape, before the runtime records
         it; otherwise they are compiled in the background and swapped in later.
         meta: the engine's sidecar; fix: the build command for this bundle and engine folder.
         weight_budget: bytes of weights kept on the GPU for an engine built with --weight-streaming (the rest
-        streams from host memory each run); None: all of them."""
+        streams from host memory each run); None: all of them.
+        onnx_path: the bundle's graph of this network, whose initializers are the base a LoRA is added to."""
         self.name, self.device, self.flavour, self.precision = name, device, flavour, meta["precision"]
         self.meta, self.fix = meta, fix
         self.image_sizes = sidecar.image_sizes(meta)  # what the profile covers (None: no image input)
@@ -69,20 +68,18 @@ class TrtSession:
         self.shapes: dict[tuple | None, tuple] = {}  # context key -> the shapes set on it
         self.block = None
         self.eager = recorded and self.runtime_cache is not None
-        self.onnx_path: Path | None = None  # the bundle's graph: the base weights a LoRA is added to
+        self.onnx_path = onnx_path
         self._base: dict[str, torch.Tensor] = {}  # refitted weights' base values, in host memory
+        self._changed: set[str] = set()  # the weights a refit changed from their base
         self.weights_in_place = False  # a refit may move weights: the runtime records its loops again
 
     # LoRA (runtime/lora.py): weights are refitted (`build --refittable`). Written to TensorRT's documented
     # Refitter API (set_named_weights with device memory, refit_cuda_engine_async); UNVERIFIED: no TensorRT
     # engine runs in the workplace where this was written (see README, "What was verified where").
-    def weight_key(self, name: str, entry: dict) -> tuple[str, bool, float]:
-        return entry["initializer"], entry["transposed"], entry["divisor"]
+    weight_key = staticmethod(graph_weight_key)
 
     def base_weights(self, keys) -> dict:
         """The bundle's values of these weights, kept in host memory (the engine holds the device copy)."""
-        from .lora import read_initializers
-
         missing = [k for k in keys if k not in self._base]
         if missing:
             self._base.update(read_initializers(self.onnx_path, missing))
@@ -96,7 +93,7 @@ class TrtSession:
             raise UserError(f"the {self.name} engine was not built refittable, so LoRAs cannot be applied at run time; "
                             f"rebuild it: {self.fix} --refittable")
         values = dict(values)
-        restore = {k: v for k, v in self._base.items() if k in getattr(self, "_changed", set()) and k not in values}
+        restore = {k: v for k, v in self._base.items() if k in self._changed and k not in values}
         refitter = trt.Refitter(self.engine, self.flavour.logger())
         kinds = {torch.float16: trt.DataType.HALF, torch.bfloat16: trt.DataType.BF16, torch.float32: trt.DataType.FLOAT}
         keep = []  # the device tensors must live until the refit has run
@@ -281,7 +278,8 @@ def open_engine_sessions(
     with torch.cuda.device(device):  # TensorRT places engines on the current CUDA device
         for n in NETWORKS:  # the text encoder first: in sequential mode it leaves before the others come
             sessions[n] = TrtSession(n, flavour, runtime, files[n], device, metas[n], recorded=(n == "transformer"),
-                                     fix=fix, weight_budget=weight_budget if n == "transformer" else None)
+                                     fix=fix, weight_budget=weight_budget if n == "transformer" else None,
+                                     onnx_path=bundle.onnx_path(n))
             sizes[n] = sessions[n].device_memory_size
             if sequential and n == "text_encoder":
                 sessions[n].release()
@@ -290,6 +288,4 @@ def open_engine_sessions(
     for s in sessions.values():
         s.bind_device_memory(block)
         s.shared_memory = block  # keeps the block alive with the sessions
-    for n, s in sessions.items():
-        s.onnx_path = bundle.onnx_path(n)
     return sessions

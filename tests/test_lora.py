@@ -120,13 +120,13 @@ def test_parity_command_with_a_stack(capsys, tiny_model, fp32_bundle, converted)
 
 def test_a_baked_lora_is_the_runtime_lora(tiny_model, fp32_bundle, originals, converted, tmp_path):
     from zimage_trt.export.bundle import ExportOptions, export_bundle
-    from zimage_trt.export.lora import file_sha256
+    from zimage_trt.export.bundle import sha256_of
 
     out = tmp_path / "baked"
     opts = ExportOptions(height=SIZE, width=SIZE, precision=dict(ALL_FP32), check="never",
                          loras=[(str(originals["a"]), 0.5)])
     manifest = export_bundle(tiny_model, out, opts)
-    assert manifest["loras"] == [{"name": "a-peft", "sha256": file_sha256(originals["a"]), "scale": 0.5, "weights": 42}]
+    assert manifest["loras"] == [{"name": "a-peft", "sha256": sha256_of([originals["a"]]), "scale": 0.5, "weights": 42}]
     baked = ZImageRuntime(Bundle.open(out), open_sessions("onnxruntime", Bundle.open(out), CPU), CPU)
     bundle, rt = runtime("onnxruntime", fp32_bundle, tiny_model)
     rt.set_loras([(load_lora(converted["a"], bundle), 0.5)])

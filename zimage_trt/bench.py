@@ -237,7 +237,7 @@ def bench_runtime(
         samples.add("end to end", wall)
         samples.add("runtime overhead", wall - t_te - t_all - t_vae)
     # One pass on its own, outside the recorded loop.
-    feeds = {"latents": rt.latents, "timestep": rt.timestep, "cap_feats": rt.caption[:, :lpad], "cap_len": rt.cap_len}
+    feeds = rt.feeds(lpad)
     for i in range(warmup + iters):
         clock.sync()
         samples.begin_stage()
@@ -340,7 +340,7 @@ def run_bench(
         results["systems"][f"runtime {backend} ({precision})"] = r
         if guidance is not None:
             r = bench_runtime(bundle, sessions, prompt, seed, device, warmup, iters, (width, height), guidance,
-                              vram=vram)
+                              loras=loras, vram=vram)
             r["memory"] = _memory_end(device, base)
             results["systems"][f"runtime {backend} ({precision}) cfg {guidance.scale:g}"] = r
         for s in sessions.values():

@@ -136,12 +136,12 @@ def run_parity(
 def lora_sources(loras) -> list[tuple[str, float]]:
     """The original files of converted LoRAs (diffusers' reference loads those), checked by their hash."""
     from zimage_trt.errors import UserError
-    from zimage_trt.export.lora import file_sha256
+    from zimage_trt.export.bundle import sha256_of
 
     out = []
     for lora, strength in loras:
         source = lora.meta.get("source", "")
-        if not source or not Path(source).is_file() or file_sha256(source) != lora.meta.get("source_sha256"):
+        if not source or not Path(source).is_file() or sha256_of([Path(source)]) != lora.meta.get("source_sha256"):
             raise UserError(f"parity with LoRA {lora.path} compares with diffusers on its original file {source or '?'},"
                             " which is gone or has changed; convert the LoRA again from its original")
         out.append((source, strength))

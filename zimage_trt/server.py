@@ -105,6 +105,7 @@ class ImageService:
         self.draining = False
         self.worker: threading.Thread | None = None
         self.runtime = None
+        self.current_lora: tuple = ()  # the (name, strength) in the transformer's weights now; () the base
         self.avg_seconds = 1.0  # running estimate of one job, for Retry-After
         self.served_by = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -155,7 +156,7 @@ class ImageService:
 
     def _use_lora(self, lora: tuple) -> None:
         """Switch the transformer's weights to this (name, strength), if they are not already: one weight update."""
-        if lora == getattr(self, "current_lora", ()):
+        if lora == self.current_lora:
             return
         stack = [(self.loras[lora[0]], lora[1])] if lora else []
         self.metrics.lora_switch.observe(self.runtime.set_loras(stack))
@@ -256,7 +257,7 @@ class ImageService:
 
     def parse_lora(self, body: dict) -> tuple:
         """"lora": a name given to `serve --lora NAME=FILE`, "lora_scale": its strength (default 1.0)."""
-        from zimage_trt.runtime.lora import MAX_STRENGTH
+        from zimage_trt.runtime.lora import check_strength
 
         name, scale = body.get("lora"), body.get("lora_scale", 1.0)
         if name is None:
@@ -266,12 +267,11 @@ class ImageService:
         served = ", ".join(sorted(self.loras)) or "none (start the server with --lora NAME=FILE)"
         if not isinstance(name, str) or name not in self.loras:
             raise ApiError(400, f"'lora' must be one of the server's LoRAs: {served}", "lora", "unknown_lora")
-        if scale is None:
-            scale = 1.0
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not -MAX_STRENGTH <= scale <= MAX_STRENGTH:
-            raise ApiError(400, f"'lora_scale' must be a number from {-MAX_STRENGTH:g} to {MAX_STRENGTH:g}",
-                           "lora_scale", "invalid_lora_scale")
-        return (name, float(scale)) if scale != 0 else ()
+        try:
+            scale = check_strength(1.0 if scale is None else scale, "'lora_scale'")
+        except UserError as exc:
+            raise ApiError(400, str(exc), "lora_scale", "invalid_lora_scale") from None
+        return (name, scale) if scale != 0 else ()
 
     def parse_guidance(self, body: dict):
         """guidance_scale (default 0: none, the Turbo model's setting), negative_prompt, cfg_normalization and
