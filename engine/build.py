@@ -96,8 +96,13 @@ def available_host_memory() -> int | None:
     return None
 
 
+def host_memory_need(weight_bytes: int) -> int:
+    """Peak host memory of one engine's build (the engines are built one at a time, each freed before the next)."""
+    return int(BUILD_MEMORY_FACTOR * weight_bytes + BUILD_MEMORY_BASE)
+
+
 def check_host_memory(name: str, weight_bytes: int, available: int | None) -> None:
-    need = BUILD_MEMORY_FACTOR * weight_bytes + BUILD_MEMORY_BASE
+    need = host_memory_need(weight_bytes)
     if available is not None and need > available:
         raise UserError(
             f"building {name} needs about {need / 1e9:.1f} GB of host memory ({BUILD_MEMORY_FACTOR:.0f}x its "
@@ -466,8 +471,13 @@ def build_engines(bundle_dir, out_dir, opts: BuildOptions | None = None) -> list
             todo.append((name, reason))
         else:
             results.append(BuildResult(name, "current", "up to date", 0.0, meta))
+    available = available_host_memory()
+    if todo:
+        largest = max((name for name, _ in todo), key=lambda n: bundle.network(n)["bytes"])
+        free = f"; {available / 1e9:.1f} GB available" if available is not None else ""
+        print(f"build needs about {host_memory_need(bundle.network(largest)['bytes']) / 1e9:.1f} GB of host memory "
+              f"(the {largest}; one engine at a time){free}", flush=True)
     if opts.check_memory:
-        available = available_host_memory()
         for name, _ in todo:
             check_host_memory(name, bundle.network(name)["bytes"], available)
 

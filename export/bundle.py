@@ -17,7 +17,6 @@ checkpoint's headers and compared with the free space.
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import hashlib
 import json
@@ -186,9 +185,26 @@ class _Exporter:
         self.networks: dict[str, dict] = {}
         self.extra: dict = {}
         self.writing: Path | None = None  # the graph being written, for the message if the disk fills up
+        self.memory: list[dict] = []  # peaks so far at the start of each stage (step)
 
     def step(self, text: str) -> None:
+        """Name the stage on the progress bar, and record the peaks so far as it starts (the manifest's
+        export_memory: the stage after which a peak first appears raised it)."""
         self.progress.set_description(text)
+        import resource
+
+        gpu = torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda" else 0
+        self.memory.append({"stage": text, "host_peak_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                                                 * 1024 / 1e9, 2), "gpu_peak_gb": round(gpu / 1e9, 2)})
+
+    def free(self) -> None:
+        """Between networks: the libraries' modules hold reference cycles (offload hooks, traced graphs), so
+        collect them now, and give the GPU's cached blocks back, so the next network starts from zero."""
+        import gc
+
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def randn(self, *shape) -> torch.Tensor:
         return torch.randn(*shape, generator=self.gen).to(self.device)
@@ -218,6 +234,7 @@ class _Exporter:
             require_ok(result)
             self.checks.append(result)
         del reference
+        self.free()
         self.progress.update(1)
         files = onnx_files(path)
         self.networks[name] = {
@@ -236,10 +253,17 @@ class _Exporter:
             for w, h in check_sizes(self.opts.sizes)
         ]
 
+    def _reference(self, load, wrap):
+        """A make_reference for `_finish`: the float32 network, built only when a check runs (reference.py)."""
+        from .reference import float32_reference
+
+        return lambda: float32_reference(load, wrap, self.device)
+
     def text_encoder(self) -> None:
         prec = self.opts.precision["text_encoder"]
         self.step("text_encoder: loading")
-        qwen = checkpoint.load_text_encoder(self.model_dir, torch.float32, self.device)
+        load = lambda dtype, device: checkpoint.load_text_encoder(self.model_dir, dtype, device)  # noqa: E731
+        qwen = load(DTYPES[prec], self.device)  # straight into the export precision, shard by shard
         vocab = qwen.config.vocab_size
         self.extra["text_encoder_config"] = {
             k: getattr(qwen.config, k)
@@ -248,9 +272,8 @@ class _Exporter:
         module = TextEncoderForExport(qwen, DTYPES[prec])
         ids = lambda n: torch.randint(0, vocab, (1, n), generator=self.gen).to(self.device)  # noqa: E731
         dynamic = {"input_ids": {1: torch.export.Dim("tokens", min=1, max=MAX_CAPTION_TOKENS)}}
-        self._finish(
-            "text_encoder", module, lambda: TextEncoderForExport(qwen), (ids(24),), [("", (ids(17),))], dynamic, prec
-        )
+        reference = self._reference(load, TextEncoderForExport)
+        self._finish("text_encoder", module, reference, (ids(24),), [("", (ids(17),))], dynamic, prec)
         self.extra["caption_dim"] = qwen.config.hidden_size
         del qwen, module
 
@@ -259,26 +282,31 @@ class _Exporter:
         from .weight_map import map_weights
 
         prec = self.opts.precision["transformer"]
-        self.step("transformer: loading")
-        dit = checkpoint.load_transformer(self.model_dir, torch.float32, self.device)
-        self.extra["transformer_config"] = {k: v for k, v in dit.config.items() if not k.startswith("_")}
-        if self.loras:
-            from .lora import bake_loras
-
-            self.step(f"transformer: baking {len(self.loras)} LoRA(s)")
-            bake_loras(dit, self.loras)
-            self.extra["loras"] = [source.record() for source in self.loras]
         scales = None
-        if prec == "fp16":
+        if prec == "fp16":  # calibrated first, so its model is freed before the exported one is loaded
             scales = self.opts.fp16_scales
             if scales is None:
                 scales = choose_scales(self._calibrate())
-            folded = copy.deepcopy(dit)
-            self.extra["fp16_rescaled_blocks"] = fold_rescale(folded, scales)
-            module = DiTForExport(folded, torch.float16, inplace=True)
-            del folded
-        else:
-            module = DiTForExport(dit, DTYPES[prec])
+                self.free()
+        self.step("transformer: loading")
+
+        def load(dtype, device):
+            dit = checkpoint.load_transformer(self.model_dir, dtype, device)
+            if self.loras:
+                from .lora import bake_loras
+
+                bake_loras(dit, self.loras)
+            return dit
+
+        dit = load(DTYPES[prec], self.device)  # straight into the export precision, shard by shard
+        self.extra["transformer_config"] = {k: v for k, v in dit.config.items() if not k.startswith("_")}
+        if self.loras:
+            self.extra["loras"] = [source.record() for source in self.loras]
+        if scales is not None:
+            # After the cast: dividing by a power of two is exact in fp16 too (the runtime's torch backend folds
+            # the same way, so its weights equal the graph's bit for bit).
+            self.extra["fp16_rescaled_blocks"] = fold_rescale(dit, scales)
+        module = DiTForExport(dit, DTYPES[prec], inplace=True)
         c = dit.config.cap_feat_dim
         cap = lambda lp: self.randn(1, lp, c)  # noqa: E731
         lat = lambda hw: self.randn(1, 16, *hw)  # noqa: E731
@@ -294,7 +322,7 @@ class _Exporter:
         self._finish(
             "transformer",
             module,
-            lambda: DiffusersDiT(dit),
+            self._reference(load, DiffusersDiT),
             (lat(example), t, cap(64), n(45)),
             [(label, (lat(hw), t * 3, cap(32), n(21))) for label, hw in at],
             dynamic,
@@ -346,7 +374,8 @@ class _Exporter:
     def vae_decoder(self) -> None:
         prec = self.opts.precision["vae_decoder"]
         self.step("vae_decoder: loading")
-        vae = checkpoint.load_vae(self.model_dir, torch.float32, self.device)
+        load = lambda dtype, device: checkpoint.load_vae(self.model_dir, dtype, device)  # noqa: E731
+        vae = load(DTYPES[prec], self.device)
         self.extra["vae_config"] = {
             k: vae.config[k] for k in ("scaling_factor", "shift_factor", "latent_channels", "block_out_channels")
         }
@@ -356,7 +385,7 @@ class _Exporter:
         self._finish(
             "vae_decoder",
             module,
-            lambda: VaeDecoderForExport(vae),
+            self._reference(load, VaeDecoderForExport),
             (lat(example),),
             [(label, (lat(hw) * 0.8,)) for label, hw in at],
             {"latents": self._image_dims(patch=1)} if not self.opts.sizes.is_single else None,
@@ -407,6 +436,45 @@ def estimate_bundle_bytes(model_dir: Path, precision: dict) -> int:
     return weights + sum(f.stat().st_size for f in (Path(model_dir) / "tokenizer").iterdir() if f.is_file())
 
 
+# What the export holds besides the weights it states: the libraries, the exporter's graph, activations at the opt
+# size (measured at full size on the H200: BENCHMARKS.md, "memory-lean export").
+GPU_MARGIN = 2 * 10**9
+HOST_MARGIN = 4 * 10**9
+
+
+@dataclass
+class ExportNeeds:
+    gpu: int  # bytes of GPU memory (0 for a CPU export)
+    host: int  # bytes of host memory
+    largest: str  # the network that decides them
+
+    def line(self, device: str) -> str:
+        gpu = f"{self.gpu / 1e9:.1f} GB of GPU memory and " if self.gpu else ""
+        return f"export on {device} needs about {gpu}{self.host / 1e9:.1f} GB of host memory (largest: {self.largest})"
+
+
+def export_needs(model_dir: Path, opts: ExportOptions) -> ExportNeeds:
+    """The export's peaks, from the checkpoint's headers: one network at a time, each loaded in its export
+    precision where it runs (fp16 calibration: bf16 on a GPU, fp32 on a CPU). On the host: the exporter's copy of
+    the weights as it writes the graph, and the float32 reference a GPU check streams from (reference.py); on a
+    GPU, only the network and its activations. Measured at full size on the H200 (BENCHMARKS.md): CPU export 29.0
+    GB for 28.6 predicted; GPU export 46.7 GB for 40.9 predicted, before the collection between networks."""
+    on_gpu = opts.device.startswith("cuda")
+    checked = opts.check != "never" and on_gpu
+    needs = {}  # network -> (GPU bytes, host bytes)
+    for net in NETWORKS:
+        count = checkpoint.weight_count(model_dir, SOURCE_COMPONENT[net])
+        held = count * DTYPES[opts.precision[net]].itemsize  # the network where it runs
+        if net == "transformer" and opts.precision[net] == "fp16" and opts.fp16_scales is None:
+            held = max(held, count * (2 if on_gpu else 4))  # the calibration's own copy, before the export's
+        copy = count * DTYPES[opts.precision[net]].itemsize  # the exporter's, while it writes the graph
+        reference = count * 4 if checked else 0
+        needs[net] = (held, copy + reference) if on_gpu else (0, held + copy)
+    largest = max(needs, key=lambda net: needs[net][0 if on_gpu else 1])
+    return ExportNeeds(max(g for g, _ in needs.values()) + GPU_MARGIN if on_gpu else 0,
+                       max(h for _, h in needs.values()) + HOST_MARGIN, largest)
+
+
 def export_bundle(model_dir, out, opts: ExportOptions | None = None, progress=None) -> dict:
     """Export the three networks of `model_dir` into the bundle folder `out`; returns the manifest."""
     opts = opts or ExportOptions()
@@ -421,6 +489,12 @@ def export_bundle(model_dir, out, opts: ExportOptions | None = None, progress=No
 
         shapes = {k: v for k, v in checkpoint.weight_shapes(model_dir, "transformer").items() if len(v) == 2}
         loras = read_sources(opts.loras, shapes)
+    needs = export_needs(model_dir, opts)
+    print(needs.line(opts.device), flush=True)
+    if opts.max_gpu_memory is not None and needs.gpu > opts.max_gpu_memory:
+        raise UserError(f"--max-gpu-memory {opts.max_gpu_memory / 2**30:.1f} GiB is below what the export needs "
+                        f"on the GPU (about {needs.gpu / 2**30:.1f} GiB for the {needs.largest}); raise it, or export "
+                        "with --device cpu")
     with TargetLock(out, "export"):
         remove_debris(out.parent, {out.name})
         need = estimate_bundle_bytes(model_dir, opts.precision)
@@ -431,6 +505,7 @@ def export_bundle(model_dir, out, opts: ExportOptions | None = None, progress=No
 def cap_gpu_memory(device: torch.device, limit: int) -> None:
     """Let this process take at most `limit` bytes of the GPU (PyTorch's allocator refuses beyond it), so an
     export that fits here fits a card of that size."""
+    device = torch.device("cuda", torch.cuda.current_device()) if device.index is None else device
     total = torch.cuda.get_device_properties(device).total_memory
     if limit > total:
         raise UserError(f"--max-gpu-memory {limit / 2**30:.1f} GiB is more than this GPU's {total / 2**30:.1f} GiB")
@@ -454,9 +529,10 @@ def _export_to(model_dir: Path, out: Path, opts: ExportOptions, progress, loras:
         (work / "scheduler.json").write_text(json.dumps(scheduler, indent=2) + "\n")
         progress.update(1)
         exporter = _Exporter(model_dir, work, opts, progress, loras)
-        exporter.text_encoder()
-        exporter.transformer()
-        exporter.vae_decoder()
+        for network in (exporter.text_encoder, exporter.transformer, exporter.vae_decoder):
+            network()
+            exporter.free()
+        exporter.step("export done")
         manifest = _manifest(model_dir, opts, exporter, scheduler)
         (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():
@@ -466,7 +542,6 @@ def _export_to(model_dir: Path, out: Path, opts: ExportOptions, progress, loras:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(work, out)
-        progress.set_description("export done")
         return manifest
     except torch.OutOfMemoryError:
         shutil.rmtree(work, ignore_errors=True)
@@ -514,4 +589,5 @@ def _manifest(model_dir: Path, opts: ExportOptions, exporter: _Exporter, schedul
         "fp16_calibration": {"peaks": x.get("fp16_peaks"), "rescaled_blocks": x.get("fp16_rescaled_blocks")},
         "loras": x.get("loras", []),  # baked into the transformer: name, sha256, scale of each
         "checks": [c.__dict__ for c in exporter.checks],
+        "export_memory": exporter.memory,
     }

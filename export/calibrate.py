@@ -94,8 +94,7 @@ def calibrate(model_dir, prompts: list[str], height: int, width: int, steps: int
     if loras:
         from .lora import bake_loras
 
-        bake_loras(torch.nn.Module.float(transformer), loras)  # in float32, as the export bakes them
-        torch.nn.Module.to(transformer, dtype)
+        bake_loras(transformer, loras)
     pipe = ZImagePipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, transformer=transformer)
     try:
         return measure_peaks(pipe, features, height, width, steps)

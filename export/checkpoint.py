@@ -10,6 +10,8 @@ import json
 import math
 from pathlib import Path
 
+import torch
+
 from zimage_trt.errors import UserError
 
 # model_index.json of the real checkpoint: component -> (library, class).
@@ -137,31 +139,40 @@ def _load(component: str, fn):
         raise UserError(f"component '{component}' could not be loaded: {first}") from None
 
 
+def _on(device) -> dict:
+    """The device map that has the libraries load each shard straight onto `device`, cast to the asked dtype as
+    it is read: the checkpoint's precision (fp32 for the real transformer: 24.6 GB) is never held whole."""
+    return {"": torch.device(device)}
+
+
 def load_transformer(model_dir, dtype=None, device="cpu"):
     from diffusers import ZImageTransformer2DModel
 
     root = check_layout(model_dir)
     model = _load(
         "transformer",
-        lambda: ZImageTransformer2DModel.from_pretrained(root / "transformer", torch_dtype=dtype),
+        lambda: ZImageTransformer2DModel.from_pretrained(root / "transformer", torch_dtype=dtype, device_map=_on(device)),
     )
-    return model.to(device).eval()
+    return model.eval()
 
 
 def load_text_encoder(model_dir, dtype=None, device="cpu"):
     from transformers import Qwen3Model
 
     root = check_layout(model_dir)
-    model = _load("text_encoder", lambda: Qwen3Model.from_pretrained(root / "text_encoder", dtype=dtype))
-    return model.to(device).eval()
+    model = _load(
+        "text_encoder",
+        lambda: Qwen3Model.from_pretrained(root / "text_encoder", dtype=dtype, device_map=_on(device)),
+    )
+    return model.eval()
 
 
 def load_vae(model_dir, dtype=None, device="cpu"):
     from diffusers import AutoencoderKL
 
     root = check_layout(model_dir)
-    model = _load("vae", lambda: AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype))
-    return model.to(device).eval()
+    model = _load("vae", lambda: AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype, device_map=_on(device)))
+    return model.eval()
 
 
 def load_tokenizer(model_dir):

@@ -144,9 +144,10 @@ def read_sources(loras: list[tuple[str, float]], shapes: dict[str, list[int]]) -
 
 @torch.no_grad()
 def bake_loras(transformer: torch.nn.Module, sources: list[SourceLora]) -> None:
-    """W += scale * up @ down for each LoRA, in the transformer's own weights (float32 at export)."""
+    """W += scale * up @ down for each LoRA, in the transformer's own weights, whatever their precision."""
     params = dict(transformer.named_parameters())
     for source in sources:
         for name, (up, down) in source.pairs.items():
             p = params[name]
-            p.add_(((up * source.scale) @ down).to(p.device, p.dtype))
+            # the sum in float32, rounded once to the weight's precision
+            p.copy_(p.float() + ((up * source.scale) @ down).to(p.device, torch.float32))

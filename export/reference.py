@@ -13,26 +13,42 @@ from .fp16 import fold_rescale
 from .modules import DiTForExport, TextEncoderForExport, VaeDecoderForExport
 
 
-def reference_modules(model_dir, dtype=torch.float32, device="cpu", fp16_scales: dict | None = None) -> dict:
+def reference_modules(model_dir, dtype=torch.float32, device="cpu", fp16_scales: dict | None = None,
+                      networks=("text_encoder", "transformer", "vae_decoder")) -> dict:
     """{network name: module} in the given precision, on `device`; they take any image size.
 
     In fp16, pass the bundle's `fp16_scales`: the transformer is then rescaled exactly as the exported graph
-    (without them plain fp16 can overflow, see fp16.py), which makes it the graph's eager twin.
+    (without them plain fp16 can overflow, see fp16.py), which makes it the graph's eager twin. Each network is
+    loaded straight into its precision on `device`, and folded there, as the export does: the same weights, bit
+    for bit, and no float32 copy of the transformer anywhere (24.6 GB at full size).
     """
-    qwen = checkpoint.load_text_encoder(model_dir, dtype, device)
-    if dtype == torch.float16 and fp16_scales:
-        # Folded in float32 on the host, then cast and moved: the GPU never holds the float32 transformer
-        # (24.6 GB at full size, more than a 24 GB card has).
-        dit = checkpoint.load_transformer(model_dir, torch.float32, "cpu")
-        fold_rescale(dit, fp16_scales)
-    else:
+    out = {}
+    if "text_encoder" in networks:
+        out["text_encoder"] = TextEncoderForExport(checkpoint.load_text_encoder(model_dir, dtype, device), dtype)
+    if "transformer" in networks:
         dit = checkpoint.load_transformer(model_dir, dtype, device)
-    vae_dtype = torch.bfloat16 if dtype == torch.float16 else dtype  # the Flux VAE overflows in fp16
-    vae = checkpoint.load_vae(model_dir, vae_dtype, device)
-    transformer = DiTForExport(dit, dtype, inplace=True).to(device)
-    transformer.fp16_folded = dtype == torch.float16 and bool(fp16_scales)  # a LoRA delta is rescaled alike
-    return {
-        "text_encoder": TextEncoderForExport(qwen, dtype),
-        "transformer": transformer,
-        "vae_decoder": VaeDecoderForExport(vae, vae_dtype),
-    }
+        folded = dtype == torch.float16 and bool(fp16_scales)
+        if folded:
+            fold_rescale(dit, fp16_scales)
+        out["transformer"] = DiTForExport(dit, dtype, inplace=True)
+        out["transformer"].fp16_folded = folded  # a LoRA delta is rescaled alike
+    if "vae_decoder" in networks:
+        vae_dtype = torch.bfloat16 if dtype == torch.float16 else dtype  # the Flux VAE overflows in fp16
+        out["vae_decoder"] = VaeDecoderForExport(checkpoint.load_vae(model_dir, vae_dtype, device), vae_dtype)
+    return out
+
+
+def float32_reference(load, wrap, device, offload: bool | None = None) -> torch.nn.Module:
+    """`wrap(load())`: a float32 reference to check an exported graph against, runnable on `device`.
+
+    On a GPU its weights stay in host memory and accelerate moves each layer's weights to the GPU only while that
+    layer runs (`cpu_offload`), so the GPU holds the exported network and one layer of its reference, never two
+    copies of the weights. Wrap before offloading: the export wrappers cut and re-route the libraries' modules,
+    and the offload hooks must sit on what is actually called. `offload`: None offloads on a GPU only.
+    """
+    model = wrap(load(torch.float32, "cpu"))
+    if offload if offload is not None else torch.device(device).type != "cpu":
+        from accelerate import cpu_offload
+
+        cpu_offload(model, execution_device=torch.device(device))
+    return model

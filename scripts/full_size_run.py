@@ -2,9 +2,16 @@
 """Full-size Z-Image-Turbo on one GPU machine, every stage of the project at scale, in one run.
 
     gpu-tests        the CUDA-graph loop equals the eager loop (tests/test_engines_gpu.py, tiny model)
-    make             the real architecture with random weights (zimage-trt make-tiny --size full)
-    export           zimage-trt export (fp16 DiT and text encoder, bf16 VAE), checked on the GPU; one size
-                     (--width/--height) or, with --size-range, every size in a range, checked at its corners
+    make             the real architecture with random weights, in the real checkpoint's layout
+                     (zimage-trt make-tiny --size full)
+    export-cpu       zimage-trt export --device cpu --fp16-scales FILE (no calibration, no GPU), in the background
+                     beside the stages that follow; its bundle is deleted once measured (--cpu-bundle DIR)
+    export           zimage-trt export (fp16 DiT and text encoder, bf16 VAE), checked on the GPU, under
+                     --max-gpu-memory (--export-cap); one size, or with --size-range every size in a range
+    ort-check        the exported transformer.onnx run once by onnxruntime on the CPU beside its eager twin and
+                     the float32 reference (scripts/ort_transformer_check.py)
+    vram-all         the torch backend generating at the bundle's size under a --vram-cap allocator cap
+    vram-sequential  the same with --vram sequential; the two images must be equal
     bench            zimage-trt bench: diffusers' eager pipeline beside the runtime
     build            zimage-trt build with TensorRT-RTX for an RTX target (sm89) over the bundle's whole range
     build-one        the same for the opt size alone (--sizes), from the same ONNX: what the range costs
@@ -85,15 +92,32 @@ def run_stage(name: str, argv: list[str], log, env, cwd) -> dict:
     return record
 
 
+def scales_file(path: Path, size: str) -> Path:
+    """FP16 rescale factors for every block, as a user passes them to skip calibration: 16 (peaks up to 64k,
+    what the real weights reach, brought under the 4096 target), so the export folds as it would for them."""
+    from zimage_trt.export.configs import FULL, tiny
+
+    cfg = (FULL if size == "full" else tiny(1024))["transformer"]
+    blocks = ([f"noise_refiner.{i}" for i in range(cfg["n_refiner_layers"])]
+              + [f"context_refiner.{i}" for i in range(cfg["n_refiner_layers"])]
+              + [f"layers.{i}" for i in range(cfg["n_layers"])])
+    path.write_text(json.dumps({b: {"attn": 16.0, "ffn": 16.0} for b in blocks}, indent=1) + "\n")
+    return path
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", required=True, help="folder for the model, bundle, engines and results")
     ap.add_argument("--skip", default="",
-                    help="comma-separated stages to skip (gpu-tests,pass-bench,make,export,bench,build,build-one)")
+                    help="comma-separated stages to skip (gpu-tests,make,export-cpu,export,ort-check,vram-all,"
+                         "vram-sequential,bench,build,build-one,pass-bench)")
     ap.add_argument("--size-range", help="export every size in MIN:MAX (default: one size, 1024x1024)")
     ap.add_argument("--opt-size", default="1024x1024", help="the opt size of --size-range (default 1024x1024)")
     ap.add_argument("--build-networks", default="text_encoder,transformer,vae_decoder",
                     help="networks to build (the text encoder's engine does not depend on the image size)")
+    ap.add_argument("--export-cap", default="22GiB", help="--max-gpu-memory of the export stage (default 22GiB)")
+    ap.add_argument("--vram-cap", default="24GiB", help="allocator cap of the vram-* stages (default 24GiB)")
+    ap.add_argument("--cpu-bundle", help="where export-cpu writes (default WORK/bundle-cpu; another disk if short)")
     ap.add_argument("--iters", default="5", help="timed generations per system in the bench (default 5)")
     ap.add_argument("--size", default="full", choices=("full", "tiny"), help="tiny: a quick dry run of the stages")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu for a dry run")
@@ -118,12 +142,23 @@ def main() -> int:
              else ["--height", "256", "--width", "256"] if args.size == "tiny" else [])
     build = zt + ["build", "--bundle", str(bundle), "--backend", "tensorrt-rtx", "--target", "sm89",
                   "--networks", args.build_networks]
+    cpu_bundle = Path(args.cpu_bundle) if args.cpu_bundle else work / "bundle-cpu"
+    capped = [sys.executable, str(repo / "scripts" / "capped.py"), args.vram_cap, "generate", "--bundle", str(bundle),
+              "--backend", "torch", "--model", str(model), "--torch-dtype", "fp16", "--device", args.device,
+              "--prompt", "A red fox in fresh snow at sunrise", "--seed", "1"]
     stages = [
         ("gpu-tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(work / "tests" / "test_engines_gpu.py")]),
         ("make", zt + ["make-tiny", str(model), "--size", args.size, "--device", args.device]
                  + (["--tokenizer", args.tokenizer] if args.size == "full" and Path(args.tokenizer).is_dir() else [])),
+        ("export-cpu", zt + ["export", "--model", str(model), "--out", str(cpu_bundle), "--device", "cpu", "--force",
+                             "--fp16-scales", str(scales_file(results / "fp16_scales.json", args.size))] + sizes),
         ("export", zt + ["export", "--model", str(model), "--out", str(bundle), "--device", args.device, "--force"]
+                   + (["--max-gpu-memory", args.export_cap] if args.device.startswith("cuda") else [])
                    + sizes + (["--vae-precision", "fp32"] if args.size == "tiny" else [])),
+        ("ort-check", [sys.executable, str(repo / "scripts" / "ort_transformer_check.py"), "--bundle", str(bundle),
+                       "--model", str(model), "--device", args.device, "--json", str(results / "ort_check.json")]),
+        ("vram-all", capped + ["--vram", "all", "--out", str(results / "vram-all.png")]),
+        ("vram-sequential", capped + ["--vram", "sequential", "--out", str(results / "vram-sequential.png")]),
         ("bench", zt + ["bench", "--model", str(model), "--bundle", str(bundle), "--device", args.device,
                         "--iters", args.iters, "--json", str(results / "bench.json")]),
         ("build", build + ["--out", str(engines)]),
@@ -134,10 +169,27 @@ def main() -> int:
     ]
     if not args.size_range:
         stages = [s for s in stages if s[0] != "build-one"]
-    records = []
+    records, background = [], []
+
+    def save():
+        (results / "stages.json").write_text(json.dumps(records, indent=2) + "\n")
+
+    def in_background(name, argv, log):
+        record = run_stage(name, argv, log, env, work)
+        records.append(record)
+        save()
+        if (cpu_bundle / "manifest.json").exists():
+            shutil.copy(cpu_bundle / "manifest.json", results / "manifest-cpu.json")
+        shutil.rmtree(cpu_bundle, ignore_errors=True)  # measured; its disk goes back to the stages that follow
+
     with open(work / "run.log", "a") as log:
         for name, argv in stages:
             if name in skip:
+                continue
+            if name == "export-cpu":
+                thread = threading.Thread(target=in_background, args=(name, argv, log))
+                thread.start()
+                background.append(thread)
                 continue
             if name == "make" and model.exists():
                 shutil.rmtree(model)
@@ -150,15 +202,20 @@ def main() -> int:
                 shutil.rmtree(model, ignore_errors=True)  # the engines need the disk the model held
             record = run_stage(name, argv, log, env, work)
             records.append(record)
-            (results / "stages.json").write_text(json.dumps(records, indent=2) + "\n")
+            if name == "vram-sequential":
+                a, b = results / "vram-all.png", results / "vram-sequential.png"
+                record["same_image_as_all"] = a.exists() and b.exists() and a.read_bytes() == b.read_bytes()
+            save()
             if record["exit_code"] != 0 and name in ("make", "export"):
                 break
+        for thread in background:
+            thread.join()
     for f in [bundle / "manifest.json", *sorted(engines.glob("*.engine.json"))]:
         if f.exists():
             shutil.copy(f, results / f.name)
     for f in sorted((work / "engines-one").glob("*.engine.json")):
         shutil.copy(f, results / f"one-size.{f.name}")
-    (results / "stages.json").write_text(json.dumps(records, indent=2) + "\n")
+    save()
     (work / "done").write_text("done\n")
     return 0 if all(r.get("exit_code", 0) == 0 for r in records) else 1
 

@@ -235,6 +235,18 @@ def test_cli_build_prints_a_table(capsys, engines, fp16_bundle):
     assert "transformer   current" in out and "sidecar" in out
 
 
+def test_cli_build_states_its_host_memory_need_first(capsys, fp16_bundle, tmp_path):
+    """Before the first engine is built: the largest engine's need (3x its weights + 1 GiB: one engine at a time)."""
+    from zimage_trt.cli import main
+    from zimage_trt.runtime.bundle import Bundle
+
+    assert main(["build", "--bundle", str(fp16_bundle), "--out", str(tmp_path / "e"), "--backend", "tensorrt-rtx",
+                 "--target", "sm89", "--networks", "vae_decoder"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    need = 3 * Bundle.open(fp16_bundle).network("vae_decoder")["bytes"] + 2**30
+    assert first.startswith(f"build needs about {need / 1e9:.1f} GB of host memory (the vae_decoder; one engine")
+
+
 # ---------------------------------------------------------------- image sizes: static engines, --sizes, refusals
 def test_a_one_size_bundle_keeps_a_static_engine(fp32_bundle, tmp_path):
     out = tmp_path / "static"

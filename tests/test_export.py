@@ -105,3 +105,47 @@ def test_float32_references_run_without_tf32_and_restore_the_setting():
         assert torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.mark.parametrize("network", ["text_encoder", "transformer", "vae_decoder"])
+def test_offloaded_float32_reference_computes_what_the_resident_one_does(tiny_model, network):
+    """The export checks on a GPU against a float32 reference whose weights stay in host memory, each layer's
+    moved in only while it runs (accelerate's hooks, set on the export wrapper). Here the hooks move them from
+    the meta device on the CPU: the same code path, and the outputs must be equal bit for bit."""
+    from zimage_trt.export.modules import DiffusersDiT, VaeDecoderForExport
+    from zimage_trt.export.reference import float32_reference
+
+    g = torch.Generator().manual_seed(0)
+    load, wrap, inputs = {
+        "text_encoder": (checkpoint.load_text_encoder, TextEncoderForExport,
+                         (torch.randint(0, 100, (1, 17), generator=g),)),
+        "transformer": (checkpoint.load_transformer, DiffusersDiT,
+                        (torch.randn(1, 16, 32, 32, generator=g), torch.tensor([0.5]), torch.randn(1, 32, 128, generator=g),
+                         torch.tensor([21]))),
+        "vae_decoder": (checkpoint.load_vae, VaeDecoderForExport, (torch.randn(1, 16, 16, 16, generator=g),)),
+    }[network]
+    loader = lambda dtype, device: load(tiny_model, dtype, device)  # noqa: E731
+    resident = float32_reference(loader, wrap, "cpu", offload=False)
+    offloaded = float32_reference(loader, wrap, "cpu", offload=True)
+    assert {p.device.type for p in offloaded.parameters()} == {"meta"}  # nothing resident between runs
+    with torch.no_grad():
+        want, got = resident(*inputs), offloaded(*inputs)
+    assert want.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_export_states_its_memory_needs_from_the_checkpoint_headers(tiny_model, fp16_bundle):
+    """What `export` says it needs comes from the safetensors headers alone; the weights it counts are exactly
+    those the loaded networks hold, and the manifest records the measured peaks of every stage."""
+    from zimage_trt.export.bundle import GPU_MARGIN, HOST_MARGIN, ExportOptions, export_needs
+
+    dit = sum(p.numel() for p in checkpoint.load_transformer(tiny_model).parameters())
+    cpu = export_needs(tiny_model, ExportOptions(fp16_scales={}))  # fp16, no calibration: the module + its copy
+    assert cpu.gpu == 0 and cpu.host == 2 * 2 * dit + HOST_MARGIN and cpu.largest == "transformer"
+    calibrating = export_needs(tiny_model, ExportOptions())  # fp32 calibration on the CPU first
+    assert calibrating.host == 4 * dit + 2 * dit + HOST_MARGIN
+    gpu = export_needs(tiny_model, ExportOptions(device="cuda"))  # fp16 network + float32 reference on the host
+    assert gpu.gpu == 2 * dit + GPU_MARGIN and gpu.host == 2 * dit + 4 * dit + HOST_MARGIN
+    assert "needs about" in cpu.line("cpu") and "GPU" in gpu.line("cuda")
+    stages = [s["stage"] for s in manifest(fp16_bundle)["export_memory"]]
+    assert stages[0] == "text_encoder: loading" and stages[-1] == "export done"
+    assert all(s["host_peak_gb"] > 0 for s in manifest(fp16_bundle)["export_memory"])

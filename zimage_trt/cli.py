@@ -118,6 +118,18 @@ def _lora_source(text: str) -> tuple[str, float]:
     return path, scale
 
 
+def _measured_peaks(device: str) -> str:
+    """This process's measured peaks: host max RSS, and PyTorch's allocator on a GPU."""
+    import resource
+
+    import torch
+
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    gpu = (f", GPU {torch.cuda.max_memory_reserved(torch.device(device)) / 1e9:.1f} GB (PyTorch's allocator)"
+           if device.startswith("cuda") else "")
+    return f"measured peaks: host {host / 1e9:.1f} GB{gpu}"
+
+
 def cmd_export(args) -> None:
     from zimage_trt.export.bundle import ExportOptions, export_bundle
     from zimage_trt.export.onnx_export import CheckResult
@@ -138,7 +150,7 @@ def cmd_export(args) -> None:
     )
     start = time.perf_counter()
     manifest = export_bundle(args.model, args.out, opts)
-    print(f"bundle written to {args.out} in {time.perf_counter() - start:.1f} s")
+    print(f"bundle written to {args.out} in {time.perf_counter() - start:.1f} s; {_measured_peaks(opts.device)}")
     for check in manifest["checks"]:
         print("  " + CheckResult(**check).line())
 
