@@ -405,6 +405,7 @@ class _Builder:
         meta = {
             "network": name,
             "precision": net_info["precision"],
+            "quantization": net_info.get("quantization"),
             "onnx": net_info["onnx"],
             "onnx_sha256": net_info["sha256"],
             "io": io,
@@ -457,6 +458,8 @@ def build_engines(bundle_dir, out_dir, opts: BuildOptions | None = None) -> list
     for name in opts.networks:
         if name not in NETWORKS:
             raise UserError(f"unknown network {name!r}; networks: {', '.join(NETWORKS)}")
+        for cc in targets.get("compute_capabilities") or [targets.get("gpu", {}).get("compute_capability")]:
+            sidecar.check_quantized_target(name, bundle.network(name).get("quantization"), cc, "the target")
 
     # Decide what to build, and check memory for all of it, before the first build starts.
     todo, results = [], []

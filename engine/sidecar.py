@@ -3,6 +3,7 @@
 Each `NAME.engine` has a `NAME.engine.json` beside it that records what it was built from and for:
 
     network, precision          which graph of the bundle, and its precision
+    quantization                the quantization recipe (format, skipped blocks, calibration prompts' hash), if any
     onnx_sha256                 content hash of the ONNX (graph + external data) it was built from
     io                          names, dtypes, shapes and profile (min/opt/max) of every input and output
     backend, backend_version    tensorrt or tensorrt-rtx, and the exact library version
@@ -173,6 +174,23 @@ def check_size(meta: dict, network_name: str, width: int, height: int, fix: str)
         )
 
 
+# The oldest compute capability with tensor cores for each quantized format: FP8 from Ada (sm89) and Hopper.
+QUANT_MIN_CC = {"fp8": 89}
+
+
+def cc_number(name: str) -> int:
+    """'sm89' -> 89, 'sm120' -> 120."""
+    return int(name.lower().removeprefix("sm"))
+
+
+def check_quantized_target(network_name: str, quantization: dict | None, cc: str, where: str) -> None:
+    """A quantized network needs its format's tensor cores: one line naming the GPU (`where`) when they are absent."""
+    fmt = (quantization or {}).get("format")
+    if fmt and cc_number(cc) < QUANT_MIN_CC[fmt]:
+        raise UserError(f"the {network_name} is {fmt}-quantized and {where} ({cc}) has no {fmt.upper()} tensor cores "
+                        f"(sm{QUANT_MIN_CC[fmt]} or newer: Ada, Hopper, Blackwell); export an fp16 bundle for it")
+
+
 def check_gpu(meta: dict, network_name: str, gpu: dict | None, fix: str) -> None:
     """The engine was built for this GPU: the same GPU type (TensorRT) or a targeted compute capability (RTX).
 
@@ -180,6 +198,7 @@ def check_gpu(meta: dict, network_name: str, gpu: dict | None, fix: str) -> None
     """
     if gpu is None:
         raise UserError(f"{network_name} engine needs a CUDA GPU and PyTorch sees none here")
+    check_quantized_target(network_name, meta.get("quantization"), gpu["compute_capability"], gpu["name"])
     targets = meta["targets"]
     if "gpu" in targets:
         built = targets["gpu"]

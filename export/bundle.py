@@ -54,7 +54,8 @@ from .onnx_export import (
 BUNDLE_FORMAT = "zimage-trt-bundle"
 BUNDLE_VERSION = 2  # 2: image_sizes (a size range); runtime/bundle.py still reads 1 as one size
 NETWORKS = ("text_encoder", "transformer", "vae_decoder")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# fp8: the transformer's weights and activations in fp16 with FP8 Q/DQ on its quantized layers (quantize.py)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.float16}
 DEFAULT_PRECISION = {"text_encoder": "fp16", "transformer": "fp16", "vae_decoder": "bf16"}
 # onnxruntime on a CPU takes minutes per TFLOP; graphs with more parameters than this are checked on a GPU
 # (`zimage-trt parity`) rather than at export.
@@ -73,6 +74,7 @@ class ExportOptions:
     fp16_scales: dict | None = None  # block -> {"attn": s, "ffn": s}; None: calibrate when the DiT is fp16
     calibration_prompts: list[str] | None = None
     calibration_steps: int = 9
+    quant_skip: str | None = None  # --quant-skip: blocks an fp8 transformer keeps unquantized (quantize.parse_skip)
     loras: list = field(default_factory=list)  # [(original LoRA file, scale)] baked into the transformer
     max_gpu_memory: int | None = None  # bytes this process may take on the GPU (--max-gpu-memory)
     force: bool = False
@@ -91,6 +93,11 @@ def validate_options(opts: ExportOptions) -> None:
             raise UserError(f"unknown network '{name}' in the precision options (networks: {', '.join(NETWORKS)})")
         if prec not in DTYPES:
             raise UserError(f"precision '{prec}' for {name} is not one of {', '.join(DTYPES)}")
+    for name, prec in opts.precision.items():
+        if prec == "fp8" and name != "transformer":
+            raise UserError(f"fp8 is for the transformer (--dit-precision fp8), not the {name}")
+    if opts.quant_skip and opts.precision.get("transformer") != "fp8":
+        raise UserError("--quant-skip keeps blocks of an fp8 transformer unquantized; add --dit-precision fp8")
     if opts.precision.get("vae_decoder") == "fp16":
         raise UserError("the Flux VAE overflows in fp16; use --vae-precision bf16 (default) or fp32")
     if opts.check not in ("auto", "always", "never"):
@@ -186,6 +193,7 @@ class _Exporter:
         self.extra: dict = {}
         self.writing: Path | None = None  # the graph being written, for the message if the disk fills up
         self.memory: list[dict] = []  # peaks so far at the start of each stage (step)
+        self.features: list | None = None  # the calibration prompts' caption features, while still needed
 
     def step(self, text: str) -> None:
         """Name the stage on the progress bar, and record the peaks so far as it starts (the manifest's
@@ -283,7 +291,7 @@ class _Exporter:
 
         prec = self.opts.precision["transformer"]
         scales = None
-        if prec == "fp16":  # calibrated first, so its model is freed before the exported one is loaded
+        if prec in ("fp16", "fp8"):  # calibrated first, so its model is freed before the exported one is loaded
             scales = self.opts.fp16_scales
             if scales is None:
                 scales = choose_scales(self._calibrate())
@@ -298,7 +306,9 @@ class _Exporter:
                 bake_loras(dit, self.loras)
             return dit
 
-        dit = load(DTYPES[prec], self.device)  # straight into the export precision, shard by shard
+        # straight into the export precision, shard by shard; fp8 calibrates in the calibration's precision and is
+        # cast to fp16 in place after
+        dit = load(self._calibration_dtype() if prec == "fp8" else DTYPES[prec], self.device)
         self.extra["transformer_config"] = {k: v for k, v in dit.config.items() if not k.startswith("_")}
         if self.loras:
             self.extra["loras"] = [source.record() for source in self.loras]
@@ -306,6 +316,8 @@ class _Exporter:
             # After the cast: dividing by a power of two is exact in fp16 too (the runtime's torch backend folds
             # the same way, so its weights equal the graph's bit for bit).
             self.extra["fp16_rescaled_blocks"] = fold_rescale(dit, scales)
+        if prec == "fp8":
+            self._quantize(dit)
         module = DiTForExport(dit, DTYPES[prec], inplace=True)
         c = dit.config.cap_feat_dim
         cap = lambda lp: self.randn(1, lp, c)  # noqa: E731
@@ -330,11 +342,36 @@ class _Exporter:
             dim_names={"2*h_tokens": "latent_height", "2*w_tokens": "latent_width"},
         )
         self.networks["transformer"]["fp16_scales"] = scales
-        self.step("transformer: mapping weights to the graph (for LoRA)")
-        self.networks["transformer"]["weights"] = map_weights(
-            self.work / "transformer.onnx", module, divisors=fp16_divisors(scales)
-        )
+        if prec == "fp8":  # a run-time LoRA would move weights past their calibrated FP8 scales: baked only
+            self.networks["transformer"]["quantization"] = self.extra.pop("quantization")
+        else:
+            self.step("transformer: mapping weights to the graph (for LoRA)")
+            self.networks["transformer"]["weights"] = map_weights(
+                self.work / "transformer.onnx", module, divisors=fp16_divisors(scales)
+            )
         del dit, module
+
+    def _quantize(self, dit) -> None:
+        """FP8: ModelOpt's quantizers into `dit` (rescaled, LoRAs baked: what is exported), calibrated on the
+        calibration prompts through the whole schedule (quantize.py)."""
+        from .calibrate import caption_features, run_schedule, schedule_pipeline
+        from .fp16 import blocks
+        from .quantize import QuantRecipe, parse_skip, prompts_sha256, quantize
+
+        prompts = self._prompts()
+        recipe = QuantRecipe("fp8", parse_skip(self.opts.quant_skip, list(blocks(dit))), prompts_sha256(prompts),
+                             self.opts.calibration_steps)
+        features = self.features
+        if features is None:  # scales were given: the features were not computed for the FP16 calibration
+            self.step("transformer: caption features for the FP8 calibration")
+            features = caption_features(self.model_dir, prompts, self._calibration_dtype(), self.device)
+        self.features = None
+        self.step(f"transformer: calibrating fp8 on {len(prompts)} prompts")
+        width, height = self.opts.sizes.opt
+        pipe = schedule_pipeline(self.model_dir, dit)
+        n = quantize(dit, recipe, lambda _: run_schedule(pipe, features, height, width, recipe.steps))
+        self.extra["quantization"] = {**recipe.record(), "quantized_layers": n}
+        del pipe, features
 
     def _image_dims(self, patch: int) -> dict | None:
         """Dynamic latent height/width for a size range (None: a one-size graph). With a patch, the latent
@@ -352,22 +389,33 @@ class _Exporter:
         return {2: torch.export.Dim("latent_height", min=lo_h, max=hi_h),
                 3: torch.export.Dim("latent_width", min=lo_w, max=hi_w)}
 
-    def _calibrate(self) -> dict:
+    def _prompts(self) -> list[str]:
         from zimage_trt.calibration import default_prompts
 
-        from .calibrate import calibrate
+        return self.opts.calibration_prompts or default_prompts()
 
-        prompts = self.opts.calibration_prompts or default_prompts()
+    def _calibration_dtype(self) -> torch.dtype:
+        # bf16 on a GPU is fast; the FP16 scales are powers of two with 16x headroom, so its rounding of a peak
+        # cannot move a scale by more than one step. fp32 on a CPU, where bf16 is slow.
+        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+
+    def _calibrate(self) -> dict:
+        from .calibrate import calibrate, caption_features
+
+        prompts = self._prompts()
         self.step(f"transformer: calibrating fp16 scales on {len(prompts)} prompts")
-        # bf16 on a GPU is fast; the scales are powers of two with 16x headroom, so its rounding of a peak cannot
-        # move a scale by more than one step. fp32 on a CPU, where bf16 is slow.
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        dtype = self._calibration_dtype()
         # At the opt size: the peaks are per-channel activations, which grow little with the token count, and
         # the scales keep 16x headroom.
         width, height = self.opts.sizes.opt
-        # One network on the GPU at a time (calibrate.py), with the LoRAs baked in: what is exported
+        # One network on the GPU at a time (calibrate.py), with the LoRAs baked in: what is exported. The caption
+        # features are kept for an FP8 calibration after this one.
+        self.features = caption_features(self.model_dir, prompts, dtype, self.device)
+        self.free()
         peaks = calibrate(self.model_dir, prompts, height, width, self.opts.calibration_steps, dtype, self.device,
-                          self.loras)
+                          self.loras, features=self.features)
+        if self.opts.precision["transformer"] != "fp8":
+            self.features = None
         self.extra["fp16_peaks"] = peaks
         return peaks
 
@@ -465,7 +513,7 @@ def export_needs(model_dir: Path, opts: ExportOptions) -> ExportNeeds:
     for net in NETWORKS:
         count = checkpoint.weight_count(model_dir, SOURCE_COMPONENT[net])
         held = count * DTYPES[opts.precision[net]].itemsize  # the network where it runs
-        if net == "transformer" and opts.precision[net] == "fp16" and opts.fp16_scales is None:
+        if net == "transformer" and opts.precision[net] in ("fp16", "fp8") and opts.fp16_scales is None:
             held = max(held, count * (2 if on_gpu else 4))  # the calibration's own copy, before the export's
         copy = count * DTYPES[opts.precision[net]].itemsize  # the exporter's, while it writes the graph
         reference = count * 4 if checked else 0
@@ -483,6 +531,13 @@ def export_bundle(model_dir, out, opts: ExportOptions | None = None, progress=No
     out = Path(out)
     if out.exists() and not opts.force:
         raise UserError(f"{out} already exists; pass --force to replace it")
+    if opts.precision.get("transformer") == "fp8":  # ModelOpt installed, and --quant-skip names real blocks
+        from .fp16 import block_names
+        from .quantize import modelopt_version, parse_skip
+
+        modelopt_version()
+        config = json.loads((model_dir / "transformer" / "config.json").read_text())
+        parse_skip(opts.quant_skip, block_names(config))
     loras = []
     if opts.loras:  # read once, and a LoRA that does not fit is one line before anything is loaded or written
         from .lora import read_sources

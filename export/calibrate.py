@@ -18,9 +18,22 @@ from .fp16 import blocks
 
 
 @torch.no_grad()
+def run_schedule(pipe, prompts, height: int, width: int, steps: int = 9, seed: int = 0, progress=None) -> None:
+    """The whole schedule (guidance 0) for each prompt: texts, or caption features (a list of [tokens, dim]
+    tensors, one per prompt: what ZImagePipeline.encode_prompt gives) for a pipeline without a text encoder."""
+    pipe.set_progress_bar_config(disable=True)
+    for i, prompt in enumerate(prompts):
+        generator = torch.Generator("cpu").manual_seed(seed + i)
+        text = {"prompt": prompt} if isinstance(prompt, str) else {"prompt_embeds": [prompt]}
+        pipe(**text, height=height, width=width, num_inference_steps=steps, guidance_scale=0.0,
+             generator=generator, output_type="latent")
+        if progress is not None:
+            progress.update(1)
+
+
+@torch.no_grad()
 def measure_peaks(pipe, prompts, height: int, width: int, steps: int = 9, seed: int = 0, progress=None):
-    """prompts: texts, or caption features (a list of [tokens, dim] tensors, one per prompt: what
-    ZImagePipeline.encode_prompt gives) for a pipeline without a text encoder."""
+    """The FP16 rescale's peaks over `run_schedule(pipe, prompts, ...)`, per block."""
     peaks: dict[str, dict[str, float]] = {}
     handles = []
 
@@ -38,21 +51,7 @@ def measure_peaks(pipe, prompts, height: int, width: int, steps: int = 9, seed: 
         handles.append(block.feed_forward.w2.register_forward_hook(record(name, "ffn_product", True)))
         handles.append(block.feed_forward.w2.register_forward_hook(record(name, "ffn_out", False)))
     try:
-        pipe.set_progress_bar_config(disable=True)
-        for i, prompt in enumerate(prompts):
-            generator = torch.Generator("cpu").manual_seed(seed + i)
-            text = {"prompt": prompt} if isinstance(prompt, str) else {"prompt_embeds": [prompt]}
-            pipe(
-                **text,
-                height=height,
-                width=width,
-                num_inference_steps=steps,
-                guidance_scale=0.0,
-                generator=generator,
-                output_type="latent",
-            )
-            if progress is not None:
-                progress.update(1)
+        run_schedule(pipe, prompts, height, width, steps, seed, progress)
     finally:
         for h in handles:
             h.remove()
@@ -75,27 +74,37 @@ def caption_features(model_dir, prompts: list[str], dtype, device) -> list[torch
     return features
 
 
-def calibrate(model_dir, prompts: list[str], height: int, width: int, steps: int, dtype, device, loras=()) -> dict:
-    """The peaks of `measure_peaks`, one network on the GPU at a time (see the module docstring); `loras`
-    (read LoRAs, export/lora.py SourceLora) are baked into the transformer first, so the peaks are those of what is
-    exported."""
-    import gc
-
+def schedule_pipeline(model_dir, transformer):
+    """The reference pipeline around `transformer` alone (no text encoder, no VAE): it runs the schedule on
+    caption features."""
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
 
     from . import checkpoint
 
-    features = caption_features(model_dir, prompts, dtype, device)
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(checkpoint.check_layout(model_dir) / "scheduler")
+    return ZImagePipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, transformer=transformer)
+
+
+def calibrate(model_dir, prompts: list[str], height: int, width: int, steps: int, dtype, device, loras=(),
+              features: list[torch.Tensor] | None = None) -> dict:
+    """The peaks of `measure_peaks`, one network on the GPU at a time (see the module docstring); `loras`
+    (read LoRAs, export/lora.py SourceLora) are baked into the transformer first, so the peaks are those of what is
+    exported. `features`: the prompts' caption features if already computed (`caption_features`)."""
+    import gc
+
+    from . import checkpoint
+
+    if features is None:
+        features = caption_features(model_dir, prompts, dtype, device)
+        gc.collect()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
     transformer = checkpoint.load_transformer(model_dir, dtype, device)
     if loras:
         from .lora import bake_loras
 
         bake_loras(transformer, loras)
-    pipe = ZImagePipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, transformer=transformer)
+    pipe = schedule_pipeline(model_dir, transformer)
     try:
         return measure_peaks(pipe, features, height, width, steps)
     finally:

@@ -53,6 +53,13 @@ def blocks(transformer) -> dict[str, torch.nn.Module]:
     return out
 
 
+def block_names(config: dict) -> list[str]:
+    """The names `blocks` gives, from the transformer's config.json alone."""
+    return ([f"noise_refiner.{i}" for i in range(config["n_refiner_layers"])]
+            + [f"context_refiner.{i}" for i in range(config["n_refiner_layers"])]
+            + [f"layers.{i}" for i in range(config["n_layers"])])
+
+
 @torch.no_grad()
 def fold_rescale(transformer, scales: dict[str, dict[str, float]]) -> int:
     """Fold the scales into the transformer in place; returns how many blocks changed."""

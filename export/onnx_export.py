@@ -22,11 +22,13 @@ import torch
 from zimage_trt.errors import UserError
 
 DEFAULT_OPSET = 23
+# FP8 (E4M3, 3 mantissa bits) against float32: set from measurement, see quantize.py and BENCHMARKS.md
+FP8_BOUND = 1e-1
 TWO_GB = 2 * 1024**3
 
 # max|onnx - reference| / max|reference| allowed by the self-check, per graph precision. The reference is the
 # module in float32, so the fp16/bf16 bounds include the rounding of the lower precision itself.
-TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2, "fp8": FP8_BOUND}
 
 
 @dataclass
@@ -54,8 +56,12 @@ class CheckResult:
 
 
 def export_onnx(module, inputs: tuple, path: Path, dynamic_shapes: dict | None, opset: int = DEFAULT_OPSET) -> Path:
-    """Export `module(*inputs)` to `path`; the graph's I/O names are the module's input_names/output_names."""
+    """Export `module(*inputs)` to `path`; the graph's I/O names are the module's input_names/output_names.
+    A module with FP8 quantizers is exported with their Q/DQ (quantize.py)."""
+    from .quantize import export_options
+
     module.eval()
+    mode, translations = export_options(module)
     path.parent.mkdir(parents=True, exist_ok=True)
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     # The exporter logs every decomposition it tries; keep the user's terminal for the progress bar.
@@ -63,7 +69,7 @@ def export_onnx(module, inputs: tuple, path: Path, dynamic_shapes: dict | None, 
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), mode:
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 module,
@@ -75,6 +81,7 @@ def export_onnx(module, inputs: tuple, path: Path, dynamic_shapes: dict | None, 
                 output_names=list(module.output_names),
                 optimize=True,
                 verbose=False,
+                custom_translation_table=translations,
             )
             program.save(str(path), external_data=n_bytes > TWO_GB)
     finally:
@@ -181,6 +188,16 @@ def error_of(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
         return float("inf"), float("inf")
     max_abs = float((got - want).abs().max())
     return max_abs, max_abs / max(float(want.abs().max()), 1e-30)
+
+
+def pair_errors(outputs: dict, pairs) -> tuple[list[dict], str]:
+    """The error of each (a, b) of `pairs` among named `outputs`: rows, and the same as a printed table."""
+    rows = [dict(zip(("pair", "max_abs", "rel"), (f"{a} vs {b}", *error_of(outputs[a], outputs[b]))))
+            for a, b in pairs]
+    width = max(len(r["pair"]) for r in rows) + 2
+    lines = [f"{'pair':<{width}} {'max|err|':>10} {'rel':>10}"]
+    lines += [f"{r['pair']:<{width}} {r['max_abs']:10.3e} {r['rel']:10.3e}" for r in rows]
+    return rows, "\n".join(lines)
 
 
 def compare(name: str, got: torch.Tensor, want: torch.Tensor, precision: str, provider: str) -> CheckResult:

@@ -49,7 +49,11 @@ class Lora:
 
 def bundle_weights(bundle) -> dict:
     """The transformer's weight map of a bundle; one line if the bundle predates it."""
-    weights = bundle.network("transformer").get("weights")
+    network = bundle.network("transformer")
+    if network.get("quantization"):
+        raise UserError(f"bundle {bundle.root} has a {network['quantization']['format']} transformer: a LoRA at run "
+                        "time would move weights past their calibrated scales; bake it at export (export --lora FILE)")
+    weights = network.get("weights")
     if not weights:
         raise UserError(
             f"bundle {bundle.root} has no weight map for LoRA (it was exported before LoRA support); re-export it"

@@ -43,7 +43,7 @@ def main() -> None:
 
     from zimage_trt.export import checkpoint
     from zimage_trt.export.modules import DiffusersDiT
-    from zimage_trt.export.onnx_export import error_of
+    from zimage_trt.export.onnx_export import pair_errors
     from zimage_trt.export.reference import float32_reference, reference_modules
 
     bundle = Path(args.bundle)
@@ -82,15 +82,11 @@ def main() -> None:
         outputs["float32"] = reference(*on_device).cpu()
         times["float32 run (offloaded)"] = time.perf_counter() - start
 
-    rows = []
-    for a, b in (("onnxruntime", "eager twin"), ("onnxruntime", "float32"), ("eager twin", "float32")):
-        max_abs, rel = error_of(outputs[a], outputs[b])
-        rows.append({"pair": f"{a} vs {b}", "max_abs": max_abs, "rel": rel})
+    rows, table = pair_errors(outputs, (("onnxruntime", "eager twin"), ("onnxruntime", "float32"),
+                                        ("eager twin", "float32")))
     print(f"transformer.onnx ({net['precision']}, {net['bytes'] / 1e9:.1f} GB) at {width}x{height}, "
           f"onnxruntime {ort.__version__} on {args.threads} CPU threads")
-    print(f"{'pair':<28} {'max|err|':>10} {'rel':>10}")
-    for r in rows:
-        print(f"{r['pair']:<28} {r['max_abs']:10.3e} {r['rel']:10.3e}")
+    print(table)
     for k, v in times.items():
         print(f"{k:<28} {v:9.1f} s")
     if args.json:

@@ -144,6 +144,7 @@ def cmd_export(args) -> None:
         check=args.check,
         fp16_scales=_load_scales(args.fp16_scales),
         calibration_prompts=_read_prompts(args.calibration_prompts),
+        quant_skip=args.quant_skip,
         loras=[_lora_source(text) for text in args.lora or []],
         max_gpu_memory=parse_bytes(args.max_gpu_memory, "--max-gpu-memory") if args.max_gpu_memory else None,
         force=args.force,
@@ -462,7 +463,13 @@ def build_parser() -> argparse.ArgumentParser:
                    " the fastest choice when you serve one size)")
     p.add_argument("--width", type=int, help="one-size bundle: image width in pixels, multiple of 16 (default 1024)")
     p.add_argument("--precision", choices=PRECISIONS, help="one precision for all networks (the VAE is never fp16)")
-    p.add_argument("--dit-precision", choices=PRECISIONS, help="transformer precision (default fp16)")
+    p.add_argument("--dit-precision", choices=PRECISIONS + ("fp8",),
+                   help="transformer precision (default fp16). fp8: FP8 E4M3 post-training quantization of its "
+                   "attention and feed-forward layers with NVIDIA ModelOpt, calibrated on the calibration prompts "
+                   "(engines for sm89 and newer: Ada, Hopper, Blackwell)")
+    p.add_argument("--quant-skip", metavar="BLOCKS",
+                   help="with --dit-precision fp8: blocks kept unquantized, comma-separated: names (layers.0, "
+                   "noise_refiner.1), globs (context_refiner.*), first:N or last:N of the main layers")
     p.add_argument("--text-encoder-precision", choices=PRECISIONS, help="text encoder precision (default fp16)")
     p.add_argument("--vae-precision", choices=("bf16", "fp32"), help="VAE decoder precision (default bf16)")
     p.add_argument("--device", default="cpu", help="where to load and trace the model: cpu or cuda (default cpu)")

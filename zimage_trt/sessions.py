@@ -65,6 +65,9 @@ def open_sessions(
         from zimage_trt.export.reference import reference_modules
         from zimage_trt.runtime.torch_session import TorchSession
 
+        if bundle.network("transformer").get("quantization"):
+            raise UserError("--backend torch runs the unquantized eager twins; this bundle's transformer is fp8: use "
+                            "--backend onnxruntime (any CPU) or tensorrt (sm89 and newer)")
         scales = bundle.network("transformer").get("fp16_scales")
         # sequential: built in host memory, moved to the GPU by the runtime when their turn comes
         mods = reference_modules(model_dir, TORCH_DTYPES[torch_dtype], "cpu" if sequential else device, scales)
