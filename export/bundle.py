@@ -513,8 +513,9 @@ def export_needs(model_dir: Path, opts: ExportOptions) -> ExportNeeds:
     for net in NETWORKS:
         count = checkpoint.weight_count(model_dir, SOURCE_COMPONENT[net])
         held = count * DTYPES[opts.precision[net]].itemsize  # the network where it runs
-        if net == "transformer" and opts.precision[net] in ("fp16", "fp8") and opts.fp16_scales is None:
-            held = max(held, count * (2 if on_gpu else 4))  # the calibration's own copy, before the export's
+        calibrated = opts.precision[net] == "fp8" or (opts.precision[net] == "fp16" and opts.fp16_scales is None)
+        if net == "transformer" and calibrated:  # in the calibration's precision (fp8: also while quantizing)
+            held = max(held, count * (2 if on_gpu else 4))
         copy = count * DTYPES[opts.precision[net]].itemsize  # the exporter's, while it writes the graph
         reference = count * 4 if checked else 0
         needs[net] = (held, copy + reference) if on_gpu else (0, held + copy)

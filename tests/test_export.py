@@ -143,6 +143,9 @@ def test_export_states_its_memory_needs_from_the_checkpoint_headers(tiny_model, 
     assert cpu.gpu == 0 and cpu.host == 2 * 2 * dit + HOST_MARGIN and cpu.largest == "transformer"
     calibrating = export_needs(tiny_model, ExportOptions())  # fp32 calibration on the CPU first
     assert calibrating.host == 4 * dit + 2 * dit + HOST_MARGIN
+    fp8 = export_needs(tiny_model, ExportOptions(precision={**ExportOptions().precision, "transformer": "fp8"},
+                                                 fp16_scales={}))  # quantized in float32 on the CPU
+    assert fp8.host == 4 * dit + 2 * dit + HOST_MARGIN
     gpu = export_needs(tiny_model, ExportOptions(device="cuda"))  # fp16 network + float32 reference on the host
     assert gpu.gpu == 2 * dit + GPU_MARGIN and gpu.host == 2 * dit + 4 * dit + HOST_MARGIN
     assert "needs about" in cpu.line("cpu") and "GPU" in gpu.line("cuda")
