@@ -93,7 +93,6 @@ def validate_options(opts: ExportOptions) -> None:
             raise UserError(f"unknown network '{name}' in the precision options (networks: {', '.join(NETWORKS)})")
         if prec not in DTYPES:
             raise UserError(f"precision '{prec}' for {name} is not one of {', '.join(DTYPES)}")
-    for name, prec in opts.precision.items():
         if prec == "fp8" and name != "transformer":
             raise UserError(f"fp8 is for the transformer (--dit-precision fp8), not the {name}")
     if opts.quant_skip and opts.precision.get("transformer") != "fp8":
@@ -193,26 +192,23 @@ class _Exporter:
         self.extra: dict = {}
         self.writing: Path | None = None  # the graph being written, for the message if the disk fills up
         self.memory: list[dict] = []  # peaks so far at the start of each stage (step)
-        self.features: list | None = None  # the calibration prompts' caption features, while still needed
 
     def step(self, text: str) -> None:
         """Name the stage on the progress bar, and record the peaks so far as it starts (the manifest's
         export_memory: the stage after which a peak first appears raised it)."""
         self.progress.set_description(text)
-        import resource
+        from zimage_trt.runtime.memory import host_peak_bytes
 
         gpu = torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda" else 0
-        self.memory.append({"stage": text, "host_peak_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                                                                 * 1024 / 1e9, 2), "gpu_peak_gb": round(gpu / 1e9, 2)})
+        self.memory.append({"stage": text, "host_peak_gb": round(host_peak_bytes() / 1e9, 2),
+                            "gpu_peak_gb": round(gpu / 1e9, 2)})
 
     def free(self) -> None:
         """Between networks: the libraries' modules hold reference cycles (offload hooks, traced graphs), so
         collect them now, and give the GPU's cached blocks back, so the next network starts from zero."""
-        import gc
+        from zimage_trt.sessions import release_memory
 
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_memory(self.device)
 
     def randn(self, *shape) -> torch.Tensor:
         return torch.randn(*shape, generator=self.gen).to(self.device)
@@ -290,11 +286,12 @@ class _Exporter:
         from .weight_map import map_weights
 
         prec = self.opts.precision["transformer"]
-        scales = None
+        scales = features = None  # features: the calibration prompts' caption features, kept for FP8's calibration
         if prec in ("fp16", "fp8"):  # calibrated first, so its model is freed before the exported one is loaded
             scales = self.opts.fp16_scales
             if scales is None:
-                scales = choose_scales(self._calibrate())
+                features = self._caption_features()
+                scales = choose_scales(self._calibrate(features))
                 self.free()
         self.step("transformer: loading")
 
@@ -317,7 +314,8 @@ class _Exporter:
             # the same way, so its weights equal the graph's bit for bit).
             self.extra["fp16_rescaled_blocks"] = fold_rescale(dit, scales)
         if prec == "fp8":
-            self._quantize(dit)
+            self._quantize(dit, features)
+        del features
         module = DiTForExport(dit, DTYPES[prec], inplace=True)
         c = dit.config.cap_feat_dim
         cap = lambda lp: self.randn(1, lp, c)  # noqa: E731
@@ -351,21 +349,20 @@ class _Exporter:
             )
         del dit, module
 
-    def _quantize(self, dit) -> None:
+    def _quantize(self, dit, features: list | None) -> None:
         """FP8: ModelOpt's quantizers into `dit` (rescaled, LoRAs baked: what is exported), calibrated on the
-        calibration prompts through the whole schedule (quantize.py)."""
-        from .calibrate import caption_features, run_schedule, schedule_pipeline
+        calibration prompts through the whole schedule (quantize.py); `features`: their caption features, if the
+        FP16 calibration computed them."""
+        from .calibrate import run_schedule, schedule_pipeline
         from .fp16 import blocks
         from .quantize import QuantRecipe, parse_skip, prompts_sha256, quantize
 
         prompts = self._prompts()
         recipe = QuantRecipe("fp8", parse_skip(self.opts.quant_skip, list(blocks(dit))), prompts_sha256(prompts),
                              self.opts.calibration_steps)
-        features = self.features
         if features is None:  # scales were given: the features were not computed for the FP16 calibration
             self.step("transformer: caption features for the FP8 calibration")
-            features = caption_features(self.model_dir, prompts, self._calibration_dtype(), self.device)
-        self.features = None
+            features = self._caption_features()
         self.step(f"transformer: calibrating fp8 on {len(prompts)} prompts")
         width, height = self.opts.sizes.opt
         pipe = schedule_pipeline(self.model_dir, dit)
@@ -399,23 +396,25 @@ class _Exporter:
         # cannot move a scale by more than one step. fp32 on a CPU, where bf16 is slow.
         return torch.bfloat16 if self.device.type == "cuda" else torch.float32
 
-    def _calibrate(self) -> dict:
-        from .calibrate import calibrate, caption_features
+    def _caption_features(self) -> list:
+        """The calibration prompts' caption features, the text encoder loaded alone and freed (calibrate.py)."""
+        from .calibrate import caption_features
+
+        features = caption_features(self.model_dir, self._prompts(), self._calibration_dtype(), self.device)
+        self.free()
+        return features
+
+    def _calibrate(self, features: list) -> dict:
+        from .calibrate import calibrate
 
         prompts = self._prompts()
         self.step(f"transformer: calibrating fp16 scales on {len(prompts)} prompts")
-        dtype = self._calibration_dtype()
         # At the opt size: the peaks are per-channel activations, which grow little with the token count, and
-        # the scales keep 16x headroom.
+        # the scales keep 16x headroom. One network on the GPU at a time (calibrate.py), with the LoRAs baked
+        # in: what is exported.
         width, height = self.opts.sizes.opt
-        # One network on the GPU at a time (calibrate.py), with the LoRAs baked in: what is exported. The caption
-        # features are kept for an FP8 calibration after this one.
-        self.features = caption_features(self.model_dir, prompts, dtype, self.device)
-        self.free()
-        peaks = calibrate(self.model_dir, prompts, height, width, self.opts.calibration_steps, dtype, self.device,
-                          self.loras, features=self.features)
-        if self.opts.precision["transformer"] != "fp8":
-            self.features = None
+        peaks = calibrate(self.model_dir, prompts, height, width, self.opts.calibration_steps,
+                          self._calibration_dtype(), self.device, self.loras, features=features)
         self.extra["fp16_peaks"] = peaks
         return peaks
 

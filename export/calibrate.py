@@ -90,15 +90,13 @@ def calibrate(model_dir, prompts: list[str], height: int, width: int, steps: int
     """The peaks of `measure_peaks`, one network on the GPU at a time (see the module docstring); `loras`
     (read LoRAs, export/lora.py SourceLora) are baked into the transformer first, so the peaks are those of what is
     exported. `features`: the prompts' caption features if already computed (`caption_features`)."""
-    import gc
+    from zimage_trt.sessions import release_memory
 
     from . import checkpoint
 
     if features is None:
         features = caption_features(model_dir, prompts, dtype, device)
-        gc.collect()
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
+        release_memory(torch.device(device))
     transformer = checkpoint.load_transformer(model_dir, dtype, device)
     if loras:
         from .lora import bake_loras

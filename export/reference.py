@@ -52,3 +52,13 @@ def float32_reference(load, wrap, device, offload: bool | None = None) -> torch.
 
         cpu_offload(model, execution_device=torch.device(device))
     return model
+
+
+def one_pass_inputs(caption_dim: int, width: int, height: int, device) -> tuple:
+    """The transformer's inputs for a one-pass check at (width, height): seeded latents, a mid-schedule
+    timestep, and a 32-row padded caption of 21 real tokens."""
+    g = torch.Generator("cpu").manual_seed(0)
+    latents = torch.randn(1, 16, height // 8, width // 8, generator=g)
+    caption = torch.randn(1, 32, caption_dim, generator=g)
+    return tuple(t.to(device) for t in (latents, torch.tensor([0.6]), caption, torch.tensor([21], dtype=torch.int64)))
+

@@ -13,6 +13,7 @@ quantized layers), the fp16 twin (the torch backend's module), and diffusers' fl
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -37,7 +38,8 @@ def main() -> None:
     from zimage_trt.export.modules import DiffusersDiT, DiTForExport
     from zimage_trt.export.onnx_export import pair_errors
     from zimage_trt.export.quantize import QuantRecipe, parse_skip, prompts_sha256, quantize
-    from zimage_trt.export.reference import float32_reference, reference_modules
+    from zimage_trt.export.reference import float32_reference, one_pass_inputs, reference_modules
+    from zimage_trt.sessions import release_memory
 
     width, height = map(int, args.size.lower().split("x"))
     device = torch.device(args.device)
@@ -58,10 +60,7 @@ def main() -> None:
     seconds["fp8 calibration"] = time.perf_counter() - start
     del pipe, features
 
-    g = torch.Generator("cpu").manual_seed(0)
-    feeds = (torch.randn(1, 16, height // 8, width // 8, generator=g), torch.tensor([0.6]),
-             torch.randn(1, 32, dit.config.cap_feat_dim, generator=g), torch.tensor([21]))
-    feeds = tuple(t.to(device) for t in feeds)
+    feeds = one_pass_inputs(dit.config.cap_feat_dim, width, height, device)
     out = {}
     with torch.no_grad():
         fp8 = DiTForExport(dit, torch.float16, inplace=True)
@@ -70,10 +69,8 @@ def main() -> None:
         twin = reference_modules(args.model, torch.float16, device, scales, networks=("transformer",))["transformer"]
         out["fp16 twin"] = twin(*feeds).cpu()
         del twin
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        reference = float32_reference(lambda dtype, dev: checkpoint.load_transformer(args.model, dtype, dev),
-                                      DiffusersDiT, device)
+        release_memory(device)
+        reference = float32_reference(functools.partial(checkpoint.load_transformer, args.model), DiffusersDiT, device)
         out["float32"] = reference(*feeds).cpu()
 
     rows, table = pair_errors(out, (("fp8 twin", "float32"), ("fp8 twin", "fp16 twin"), ("fp16 twin", "float32")))

@@ -96,11 +96,9 @@ def scales_file(path: Path, size: str) -> Path:
     """FP16 rescale factors for every block, as a user passes them to skip calibration: 16 (peaks up to 64k,
     what the real weights reach, brought under the 4096 target), so the export folds as it would for them."""
     from zimage_trt.export.configs import FULL, tiny
+    from zimage_trt.export.fp16 import block_names
 
-    cfg = (FULL if size == "full" else tiny(1024))["transformer"]
-    blocks = ([f"noise_refiner.{i}" for i in range(cfg["n_refiner_layers"])]
-              + [f"context_refiner.{i}" for i in range(cfg["n_refiner_layers"])]
-              + [f"layers.{i}" for i in range(cfg["n_layers"])])
+    blocks = block_names((FULL if size == "full" else tiny(1024))["transformer"])
     path.write_text(json.dumps({b: {"attn": 16.0, "ffn": 16.0} for b in blocks}, indent=1) + "\n")
     return path
 

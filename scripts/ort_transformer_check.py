@@ -13,20 +13,13 @@ Prints one table (max |error| and relative error of each pair, the time of each 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
 from pathlib import Path
 
 import torch
-
-
-def inputs_for(manifest: dict, width: int, height: int, device) -> tuple:
-    """Latents at the size, a mid-schedule timestep, a 32-row padded caption of 21 real tokens."""
-    g = torch.Generator("cpu").manual_seed(0)
-    latents = torch.randn(1, 16, height // 8, width // 8, generator=g)
-    caption = torch.randn(1, 32, manifest["caption_dim"], generator=g)
-    return tuple(t.to(device) for t in (latents, torch.tensor([0.6]), caption, torch.tensor([21], dtype=torch.int64)))
 
 
 def main() -> None:
@@ -42,9 +35,11 @@ def main() -> None:
     import onnxruntime as ort
 
     from zimage_trt.export import checkpoint
+    from zimage_trt.export.bundle import DTYPES
     from zimage_trt.export.modules import DiffusersDiT
     from zimage_trt.export.onnx_export import pair_errors
-    from zimage_trt.export.reference import float32_reference, reference_modules
+    from zimage_trt.export.reference import float32_reference, one_pass_inputs, reference_modules
+    from zimage_trt.sessions import release_memory
 
     bundle = Path(args.bundle)
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -52,7 +47,7 @@ def main() -> None:
     width, height = (map(int, args.size.lower().split("x")) if args.size
                      else (manifest["width"], manifest["height"]))
     device = torch.device(args.device)
-    feeds = inputs_for(manifest, width, height, "cpu")
+    feeds = one_pass_inputs(manifest["caption_dim"], width, height, "cpu")
     times, outputs = {}, {}
 
     start = time.perf_counter()
@@ -67,17 +62,15 @@ def main() -> None:
     del session
 
     with torch.no_grad():
-        twin = reference_modules(args.model, torch.float16 if net["precision"] == "fp16" else
-                                 {"fp32": torch.float32, "bf16": torch.bfloat16}[net["precision"]],
-                                 device, net.get("fp16_scales"), networks=("transformer",))["transformer"]
+        twin = reference_modules(args.model, DTYPES[net["precision"]], device, net.get("fp16_scales"),
+                                 networks=("transformer",))["transformer"]
         on_device = tuple(t.to(device) for t in feeds)
         start = time.perf_counter()
         outputs["eager twin"] = twin(*on_device).cpu()
         times["eager twin run"] = time.perf_counter() - start
         del twin
-        torch.cuda.empty_cache() if device.type == "cuda" else None
-        reference = float32_reference(lambda dtype, dev: checkpoint.load_transformer(args.model, dtype, dev),
-                                      DiffusersDiT, device)
+        release_memory(device)
+        reference = float32_reference(functools.partial(checkpoint.load_transformer, args.model), DiffusersDiT, device)
         start = time.perf_counter()
         outputs["float32"] = reference(*on_device).cpu()
         times["float32 run (offloaded)"] = time.perf_counter() - start

@@ -120,11 +120,11 @@ def _lora_source(text: str) -> tuple[str, float]:
 
 def _measured_peaks(device: str) -> str:
     """This process's measured peaks: host max RSS, and PyTorch's allocator on a GPU."""
-    import resource
-
     import torch
 
-    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    from zimage_trt.runtime.memory import host_peak_bytes
+
+    host = host_peak_bytes()
     gpu = (f", GPU {torch.cuda.max_memory_reserved(torch.device(device)) / 1e9:.1f} GB (PyTorch's allocator)"
            if device.startswith("cuda") else "")
     return f"measured peaks: host {host / 1e9:.1f} GB{gpu}"
