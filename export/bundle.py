@@ -29,6 +29,7 @@ import torch
 
 from zimage_trt.errors import UserError
 from zimage_trt.files import TargetLock, check_space, os_error_line, remove_debris, temp_path
+from zimage_trt.peaks import StagePeaks
 from zimage_trt.runtime.sizes import LATENT_FACTOR, SIDE_MULTIPLE, SizeRange, check_side, format_size
 
 from . import checkpoint
@@ -47,6 +48,7 @@ from .onnx_export import (
     check_onnx,
     export_onnx,
     graph_io,
+    release_weights,
     rename_dims,
     require_ok,
 )
@@ -179,7 +181,8 @@ def _check_mode(opts: ExportOptions, module, precision: str, device: torch.devic
 
 
 class _Exporter:
-    """One export run: loads each component, exports it, checks it, and frees it before the next."""
+    """One export run: loads each component, exports it and checks it; each network's method returns the module
+    it exported, whose weights the run releases before the next."""
 
     def __init__(self, model_dir: Path, work: Path, opts: ExportOptions, progress, loras: list):
         """loras: the LoRAs of opts.loras, read (export/lora.py SourceLora), baked into the transformer."""
@@ -191,17 +194,12 @@ class _Exporter:
         self.networks: dict[str, dict] = {}
         self.extra: dict = {}
         self.writing: Path | None = None  # the graph being written, for the message if the disk fills up
-        self.memory: list[dict] = []  # peaks so far at the start of each stage (step)
+        self.peaks = StagePeaks(self.device)  # each stage's own peaks: the manifest's export_memory
 
     def step(self, text: str) -> None:
-        """Name the stage on the progress bar, and record the peaks so far as it starts (the manifest's
-        export_memory: the stage after which a peak first appears raised it)."""
+        """Name the stage on the progress bar; its memory peaks are recorded until the next step."""
         self.progress.set_description(text)
-        from zimage_trt.runtime.memory import host_peak_bytes
-
-        gpu = torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda" else 0
-        self.memory.append({"stage": text, "host_peak_gb": round(host_peak_bytes() / 1e9, 2),
-                            "gpu_peak_gb": round(gpu / 1e9, 2)})
+        self.peaks.enter(text)
 
     def free(self) -> None:
         """Between networks: the libraries' modules hold reference cycles (offload hooks, traced graphs), so
@@ -263,7 +261,7 @@ class _Exporter:
 
         return lambda: float32_reference(load, wrap, self.device)
 
-    def text_encoder(self) -> None:
+    def text_encoder(self) -> torch.nn.Module:
         prec = self.opts.precision["text_encoder"]
         self.step("text_encoder: loading")
         load = lambda dtype, device: checkpoint.load_text_encoder(self.model_dir, dtype, device)  # noqa: E731
@@ -279,9 +277,9 @@ class _Exporter:
         reference = self._reference(load, TextEncoderForExport)
         self._finish("text_encoder", module, reference, (ids(24),), [("", (ids(17),))], dynamic, prec)
         self.extra["caption_dim"] = qwen.config.hidden_size
-        del qwen, module
+        return module
 
-    def transformer(self) -> None:
+    def transformer(self) -> torch.nn.Module:
         from .fp16 import choose_scales, fold_rescale, fp16_divisors
         from .weight_map import map_weights
 
@@ -347,7 +345,7 @@ class _Exporter:
             self.networks["transformer"]["weights"] = map_weights(
                 self.work / "transformer.onnx", module, divisors=fp16_divisors(scales)
             )
-        del dit, module
+        return module
 
     def _quantize(self, dit, features: list | None) -> None:
         """FP8: ModelOpt's quantizers into `dit` (rescaled, LoRAs baked: what is exported), calibrated on the
@@ -418,7 +416,7 @@ class _Exporter:
         self.extra["fp16_peaks"] = peaks
         return peaks
 
-    def vae_decoder(self) -> None:
+    def vae_decoder(self) -> torch.nn.Module:
         prec = self.opts.precision["vae_decoder"]
         self.step("vae_decoder: loading")
         load = lambda dtype, device: checkpoint.load_vae(self.model_dir, dtype, device)  # noqa: E731
@@ -438,7 +436,7 @@ class _Exporter:
             {"latents": self._image_dims(patch=1)} if not self.opts.sizes.is_single else None,
             prec,
         )
-        del vae, module
+        return module
 
 
 def check_sizes(sizes: SizeRange) -> list[tuple[int, int]]:
@@ -502,10 +500,15 @@ class ExportNeeds:
 
 def export_needs(model_dir: Path, opts: ExportOptions) -> ExportNeeds:
     """The export's peaks, from the checkpoint's headers: one network at a time, each loaded in its export
-    precision where it runs (fp16 calibration: bf16 on a GPU, fp32 on a CPU). On the host: the exporter's copy of
-    the weights as it writes the graph, and the float32 reference a GPU check streams from (reference.py); on a
-    GPU, only the network and its activations. Measured at full size on the H200 (BENCHMARKS.md): CPU export 29.0
-    GB for 28.6 predicted; GPU export 46.7 GB for 40.9 predicted, before the collection between networks."""
+    precision where it runs (fp16 calibration: bf16 on a GPU, fp32 on a CPU).
+
+    On a CPU the host peak is the loading: the network, and the checkpoint shard being read and cast (measured,
+    stage by stage: the ONNX writing holds the weights once). On a GPU the host holds the exporter's copy of the
+    graph's weights and the float32 reference a GPU check streams from (reference.py); the GPU, the network and
+    its activations. Measured at full size on the H200 (BENCHMARKS.md, "memory-lean export") while the exporter
+    still kept every written network alive (fixed since: onnx_export.release_weights): CPU 29.0 GB (now predicted
+    26.3), GPU export 46.5 GB host and 21.6 GB GPU (predicted 40.9 and 14.3); the text encoder's 7.8 GB, still
+    held, account for each gap. With full-width networks of fewer blocks, every stage now peaks within these terms."""
     on_gpu = opts.device.startswith("cuda")
     checked = opts.check != "never" and on_gpu
     needs = {}  # network -> (GPU bytes, host bytes)
@@ -515,9 +518,11 @@ def export_needs(model_dir: Path, opts: ExportOptions) -> ExportNeeds:
         calibrated = opts.precision[net] == "fp8" or (opts.precision[net] == "fp16" and opts.fp16_scales is None)
         if net == "transformer" and calibrated:  # in the calibration's precision (fp8: also while quantizing)
             held = max(held, count * (2 if on_gpu else 4))
-        copy = count * DTYPES[opts.precision[net]].itemsize  # the exporter's, while it writes the graph
-        reference = count * 4 if checked else 0
-        needs[net] = (held, copy + reference) if on_gpu else (0, held + copy)
+        if on_gpu:
+            copy = count * DTYPES[opts.precision[net]].itemsize  # the exporter's, while it writes the graph
+            needs[net] = (held, copy + (count * 4 if checked else 0))
+        else:
+            needs[net] = (0, held + checkpoint.largest_shard_bytes(model_dir, SOURCE_COMPONENT[net]))
     largest = max(needs, key=lambda net: needs[net][0 if on_gpu else 1])
     return ExportNeeds(max(g for g, _ in needs.values()) + GPU_MARGIN if on_gpu else 0,
                        max(h for _, h in needs.values()) + HOST_MARGIN, largest)
@@ -585,9 +590,10 @@ def _export_to(model_dir: Path, out: Path, opts: ExportOptions, progress, loras:
         progress.update(1)
         exporter = _Exporter(model_dir, work, opts, progress, loras)
         for network in (exporter.text_encoder, exporter.transformer, exporter.vae_decoder):
-            network()
+            release_weights(network())  # written and checked: its memory goes back before the next network
             exporter.free()
         exporter.step("export done")
+        exporter.peaks.close()
         manifest = _manifest(model_dir, opts, exporter, scheduler)
         (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():
@@ -613,6 +619,8 @@ def _export_to(model_dir: Path, out: Path, opts: ExportOptions, progress, loras:
         shutil.rmtree(work, ignore_errors=True)
         raise
     finally:
+        if exporter is not None:
+            exporter.peaks.close()
         if own_bar:
             progress.close()
 
@@ -644,5 +652,5 @@ def _manifest(model_dir: Path, opts: ExportOptions, exporter: _Exporter, schedul
         "fp16_calibration": {"peaks": x.get("fp16_peaks"), "rescaled_blocks": x.get("fp16_rescaled_blocks")},
         "loras": x.get("loras", []),  # baked into the transformer: name, sha256, scale of each
         "checks": [c.__dict__ for c in exporter.checks],
-        "export_memory": exporter.memory,
+        "export_memory": exporter.peaks.stages,  # each stage's own peaks (zimage_trt/peaks.py)
     }

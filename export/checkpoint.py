@@ -106,6 +106,12 @@ def weight_count(model_dir: str | Path, component: str) -> int:
     return sum(math.prod(shape) for shape in weight_shapes(model_dir, component).values())
 
 
+def largest_shard_bytes(model_dir: str | Path, component: str) -> int:
+    """Bytes of a component's largest safetensors file: what loading holds besides the network it builds (each
+    shard is read whole and cast, one at a time)."""
+    return max((f.stat().st_size for f in (Path(model_dir) / component).glob("*.safetensors")), default=0)
+
+
 def _check_file(component: str, path: Path) -> None:
     if path.name.endswith(".safetensors"):
         check_safetensors(component, path)

@@ -84,9 +84,31 @@ def export_onnx(module, inputs: tuple, path: Path, dynamic_shapes: dict | None, 
                 custom_translation_table=translations,
             )
             program.save(str(path), external_data=n_bytes > TWO_GB)
+            _drop_constants(program)
     finally:
         quiet.setLevel(level)
     return path
+
+
+# The exporter's graph rewriter (onnxscript) keeps the graphs it last matched in module-level pattern matchers, so
+# a written graph outlives its ONNXProgram: its constants (the weights the optimizer folded, e.g. each W^T) and the
+# module's own parameters, which its inputs still reference. Measured on the H200 (BENCHMARKS.md): the text
+# encoder's and the transformer's GPU weights stayed resident to the end of the export. Dropping our references
+# frees nothing; these two functions free the memory itself, whoever still holds the objects.
+
+
+def _drop_constants(program) -> None:
+    """Empty the written graph's initializers (the weights are in the file now)."""
+    for value in program.model.graph.initializers.values():
+        value.const_value = None
+
+
+def release_weights(module: torch.nn.Module) -> None:
+    """Give back a module's parameters and buffers once its graph is written and checked (the module is unusable
+    after)."""
+    with torch.no_grad():
+        for t in (*module.parameters(), *module.buffers()):
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
 
 
 def rename_dims(path: Path, names: dict[str, str]) -> None:
@@ -120,35 +142,38 @@ def graph_io(path: Path) -> dict:
     return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
 
 
-def _materialize_intermediates(path: Path, workdir: Path) -> Path:
-    """A copy of the graph whose every FP16/BF16 intermediate is also a graph output.
+@contextlib.contextmanager
+def _strict_copy(path: Path):
+    """A copy of the graph whose every FP16/BF16 intermediate is also a graph output, beside it, removed after.
 
     onnxruntime's CPU provider has few FP16 kernels; it runs a chain of FP16 nodes in FP32 and casts only at
     the chain's ends, so an intermediate that overflows FP16 never shows. A tensor that is a graph output must
     be produced in its declared type, which restores what a strongly typed TensorRT engine does: every tensor
-    between layers is stored in the graph's precision.
+    between layers is stored in the graph's precision. Only the graph is copied: written beside the original, the
+    copy reads the original's external weights (a graph over 2 GB cannot be written in one protobuf).
     """
     import onnx
 
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
     low = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
     existing = {o.name for o in model.graph.output}
     for value in model.graph.value_info:
         if value.type.tensor_type.elem_type in low and value.name not in existing:
             model.graph.output.append(value)
-    strict = workdir / path.name
+    strict = path.with_name(f".{path.stem}.strict.onnx")
     onnx.save(model, str(strict))
-    return strict
+    try:
+        yield strict
+    finally:
+        strict.unlink(missing_ok=True)
 
 
 def check_onnx(name: str, path: Path, reference, inputs: tuple, precision: str, providers=None) -> CheckResult:
     """Run the graph with onnxruntime on `inputs` and compare with `reference(*inputs)` (a float32 module).
 
-    Reduced-precision graphs are run strictly (see _materialize_intermediates), so an FP16 overflow anywhere in
+    Reduced-precision graphs are run strictly (see _strict_copy), so an FP16 overflow anywhere in
     the graph reaches the result as inf/NaN instead of being hidden by onnxruntime's FP32 fallback.
     """
-    import tempfile
-
     import onnxruntime as ort
 
     providers = providers or ["CPUExecutionProvider"]
@@ -159,8 +184,7 @@ def check_onnx(name: str, path: Path, reference, inputs: tuple, precision: str, 
     options.log_severity_level = 3
     # The check compares the graph as written, not onnxruntime's rewrites of it.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    with tempfile.TemporaryDirectory() as tmp:
-        run_path = path if precision == "fp32" else _materialize_intermediates(path, Path(tmp))
+    with contextlib.nullcontext(path) if precision == "fp32" else _strict_copy(path) as run_path:
         session = ort.InferenceSession(str(run_path), options, providers=providers)
         feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs)}
         got = session.run([session.get_outputs()[0].name], feeds)[0]

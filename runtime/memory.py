@@ -61,13 +61,6 @@ def describe(plan: dict, mode: str) -> str:
             f"{gb(w['transformer'])} + VAE {gb(w['vae_decoder'])} + buffers {gb(plan['buffers'])}{acts}")
 
 
-def host_peak_bytes() -> int:
-    """This process's peak resident host memory so far (Linux reports ru_maxrss in kB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def measured_line(device) -> str:
     if device.type != "cuda":
         return ""

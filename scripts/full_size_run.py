@@ -6,6 +6,10 @@
                      (zimage-trt make-tiny --size full)
     export-cpu       zimage-trt export --device cpu --fp16-scales FILE (no calibration, no GPU), in the background
                      beside the stages that follow; its bundle is deleted once measured (--cpu-bundle DIR)
+    export-fp8       zimage-trt export --dit-precision fp8 (ModelOpt FP8 calibration, Q/DQ graph), checked on the
+                     GPU, uncapped (its peaks say what it needs), in the background beside the stages that follow
+                     (--fp8-bundle DIR)
+    build-fp8        then, in the same background thread: TensorRT-RTX builds its transformer for sm89
     export           zimage-trt export (fp16 DiT and text encoder, bf16 VAE), checked on the GPU, under
                      --max-gpu-memory (--export-cap); one size, or with --size-range every size in a range
     ort-check        the exported transformer.onnx run once by onnxruntime on the CPU beside its eager twin and
@@ -18,7 +22,8 @@
     pass-bench       one eager transformer pass per image size, with its roofline floor (scripts/pass_bench.py)
 
 Each stage runs as its own process; its wall time, peak host memory (the child's max RSS) and peak GPU memory
-(sampled with NVML every 0.2 s) are recorded in WORK/results/stages.json as soon as it ends, so a run cut short
+(sampled with NVML every 0.2 s: the device's, and the stage's own process where NVML lists it, which tells two
+stages running side by side apart; the export also records PyTorch's allocator peaks in its manifest) are recorded in WORK/results/stages.json as soon as it ends, so a run cut short
 keeps what it measured. The model folder is deleted before the build to leave disk for the engines.
 
     python scripts/full_size_run.py --work /root/work --size-range 512:2048 --skip bench
@@ -38,24 +43,32 @@ from pathlib import Path
 
 
 class GpuPeak:
-    """Highest device memory in use while a stage runs (NVML, else nvidia-smi; None without either)."""
+    """Highest device memory in use while a stage runs (NVML, else nvidia-smi; None without either), and the
+    highest that NVML lists for the stage's process `pid` (None where it lists no such process, e.g. in a
+    container with its own PID namespace)."""
 
     def __init__(self):
-        self.peak, self.stop, self.read = 0, threading.Event(), self._reader()
+        self.peak, self.own, self.pid, self.stop, self.read = 0, None, None, threading.Event(), self._reader()
 
-    @staticmethod
-    def _reader():
+    def _reader(self):
         try:
             import pynvml
 
             pynvml.nvmlInit()
             handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-            return lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used
         except Exception:  # noqa: BLE001 - no NVML: fall back to nvidia-smi, or to nothing
             if shutil.which("nvidia-smi") is None:
                 return None
             cmd = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"]
             return lambda: int(subprocess.run(cmd, capture_output=True, text=True).stdout.strip()) * 2**20
+
+        def read():
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid == self.pid and proc.usedGpuMemory:
+                    self.own = max(self.own or 0, proc.usedGpuMemory)
+            return pynvml.nvmlDeviceGetMemoryInfo(handle).used
+
+        return read
 
     def __enter__(self):
         if self.read is not None:
@@ -77,6 +90,7 @@ def run_stage(name: str, argv: list[str], log, env, cwd) -> dict:
     start = time.perf_counter()
     with GpuPeak() as gpu:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        gpu.pid = proc.pid
         _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
@@ -87,6 +101,7 @@ def run_stage(name: str, argv: list[str], log, env, cwd) -> dict:
         "seconds": round(seconds, 1),
         "peak_host_gb": round(usage.ru_maxrss * 1024 / 1e9, 2),
         "peak_gpu_gb": round(gpu.peak / 1e9, 2) if gpu.read else None,
+        "peak_gpu_process_gb": round(gpu.own / 1e9, 2) if gpu.own else None,
     }
     print(f"[{time.strftime('%H:%M:%S')}] {name}: exit {code} after {seconds:.0f} s", file=log, flush=True)
     return record
@@ -107,8 +122,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", required=True, help="folder for the model, bundle, engines and results")
     ap.add_argument("--skip", default="",
-                    help="comma-separated stages to skip (gpu-tests,make,export-cpu,export,ort-check,vram-all,"
-                         "vram-sequential,bench,build,build-one,pass-bench)")
+                    help="comma-separated stages to skip (gpu-tests,make,export-cpu,export,export-fp8,build-fp8,ort-check,"
+                         "vram-all,vram-sequential,bench,build,build-one,pass-bench)")
     ap.add_argument("--size-range", help="export every size in MIN:MAX (default: one size, 1024x1024)")
     ap.add_argument("--opt-size", default="1024x1024", help="the opt size of --size-range (default 1024x1024)")
     ap.add_argument("--build-networks", default="text_encoder,transformer,vae_decoder",
@@ -116,6 +131,7 @@ def main() -> int:
     ap.add_argument("--export-cap", default="22GiB", help="--max-gpu-memory of the export stage (default 22GiB)")
     ap.add_argument("--vram-cap", default="24GiB", help="allocator cap of the vram-* stages (default 24GiB)")
     ap.add_argument("--cpu-bundle", help="where export-cpu writes (default WORK/bundle-cpu; another disk if short)")
+    ap.add_argument("--fp8-bundle", help="where export-fp8 writes (default WORK/bundle-fp8; another disk if short)")
     ap.add_argument("--iters", default="5", help="timed generations per system in the bench (default 5)")
     ap.add_argument("--size", default="full", choices=("full", "tiny"), help="tiny: a quick dry run of the stages")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu for a dry run")
@@ -141,6 +157,8 @@ def main() -> int:
     build = zt + ["build", "--bundle", str(bundle), "--backend", "tensorrt-rtx", "--target", "sm89",
                   "--networks", args.build_networks]
     cpu_bundle = Path(args.cpu_bundle) if args.cpu_bundle else work / "bundle-cpu"
+    fp8_bundle = Path(args.fp8_bundle) if args.fp8_bundle else work / "bundle-fp8"
+    cap = ["--max-gpu-memory", args.export_cap] if args.device.startswith("cuda") else []
     capped = [sys.executable, str(repo / "scripts" / "capped.py"), args.vram_cap, "generate", "--bundle", str(bundle),
               "--backend", "torch", "--model", str(model), "--torch-dtype", "fp16", "--device", args.device,
               "--prompt", "A red fox in fresh snow at sunrise", "--seed", "1"]
@@ -150,9 +168,13 @@ def main() -> int:
                  + (["--tokenizer", args.tokenizer] if args.size == "full" and Path(args.tokenizer).is_dir() else [])),
         ("export-cpu", zt + ["export", "--model", str(model), "--out", str(cpu_bundle), "--device", "cpu", "--force",
                              "--fp16-scales", str(scales_file(results / "fp16_scales.json", args.size))] + sizes),
+        ("export-fp8", zt + ["export", "--model", str(model), "--out", str(fp8_bundle), "--device", args.device,
+                             "--force", "--dit-precision", "fp8"] + sizes
+                       + (["--vae-precision", "fp32"] if args.size == "tiny" else [])),
+        ("build-fp8", zt + ["build", "--bundle", str(fp8_bundle), "--backend", "tensorrt-rtx", "--target", "sm89",
+                            "--networks", "transformer", "--out", str(work / "engines-fp8")]),
         ("export", zt + ["export", "--model", str(model), "--out", str(bundle), "--device", args.device, "--force"]
-                   + (["--max-gpu-memory", args.export_cap] if args.device.startswith("cuda") else [])
-                   + sizes + (["--vae-precision", "fp32"] if args.size == "tiny" else [])),
+                   + cap + sizes + (["--vae-precision", "fp32"] if args.size == "tiny" else [])),
         ("ort-check", [sys.executable, str(repo / "scripts" / "ort_transformer_check.py"), "--bundle", str(bundle),
                        "--model", str(model), "--device", args.device, "--json", str(results / "ort_check.json")]),
         ("vram-all", capped + ["--vram", "all", "--out", str(results / "vram-all.png")]),
@@ -172,31 +194,51 @@ def main() -> int:
     def save():
         (results / "stages.json").write_text(json.dumps(records, indent=2) + "\n")
 
-    def in_background(name, argv, log):
-        record = run_stage(name, argv, log, env, work)
-        records.append(record)
-        save()
-        if (cpu_bundle / "manifest.json").exists():
-            shutil.copy(cpu_bundle / "manifest.json", results / "manifest-cpu.json")
-        shutil.rmtree(cpu_bundle, ignore_errors=True)  # measured; its disk goes back to the stages that follow
+    def in_background(chain, log, out, keep):
+        """Run the (name, argv) stages of `chain` in turn, the next only if the last succeeded; then keep
+        `out`'s manifest as results/`keep` and delete `out` (measured; its disk goes back to the other stages)."""
+        for name, argv in chain:
+            if name.startswith("build") and not rtx_importable(name):
+                continue
+            record = run_stage(name, argv, log, env, work)
+            records.append(record)
+            save()
+            if record["exit_code"] != 0:
+                break
+        if (out / "manifest.json").exists():
+            shutil.copy(out / "manifest.json", results / keep)
+        shutil.rmtree(out, ignore_errors=True)
 
+    def rtx_importable(name):
+        try:
+            import tensorrt_rtx  # noqa: F401
+        except ImportError as exc:
+            records.append({"stage": name, "skipped": f"tensorrt_rtx not importable: {exc}"})
+            return False
+        return True
+
+    # stages that run in a background thread beside the rest: name -> (the chain, its bundle, its kept manifest)
+    commands = dict(stages)
+    chains = {"export-cpu": ([("export-cpu", commands["export-cpu"])], cpu_bundle, "manifest-cpu.json"),
+              "export-fp8": ([(n, commands[n]) for n in ("export-fp8", "build-fp8") if n not in skip], fp8_bundle,
+                             "manifest-fp8.json")}
     with open(work / "run.log", "a") as log:
         for name, argv in stages:
-            if name in skip:
+            if name in skip or name == "build-fp8":
                 continue
-            if name == "export-cpu":
-                thread = threading.Thread(target=in_background, args=(name, argv, log))
+            if name in chains:
+                chain, out, keep = chains[name]
+                thread = threading.Thread(target=in_background, args=(chain, log, out, keep))
                 thread.start()
                 background.append(thread)
                 continue
             if name == "make" and model.exists():
                 shutil.rmtree(model)
             if name.startswith("build"):
-                try:
-                    import tensorrt_rtx  # noqa: F401
-                except ImportError as exc:
-                    records.append({"stage": name, "skipped": f"tensorrt_rtx not importable: {exc}"})
+                if not rtx_importable(name):
                     continue
+                for thread in background:  # they read the model: it goes only once they are done
+                    thread.join()
                 shutil.rmtree(model, ignore_errors=True)  # the engines need the disk the model held
             record = run_stage(name, argv, log, env, work)
             records.append(record)
@@ -211,6 +253,8 @@ def main() -> int:
     for f in [bundle / "manifest.json", *sorted(engines.glob("*.engine.json"))]:
         if f.exists():
             shutil.copy(f, results / f.name)
+    for f in sorted((work / "engines-fp8").glob("*.engine.json")):
+        shutil.copy(f, results / f"fp8.{f.name}")
     for f in sorted((work / "engines-one").glob("*.engine.json")):
         shutil.copy(f, results / f"one-size.{f.name}")
     save()

@@ -173,3 +173,46 @@ def test_quant_skip_names_blocks_in_model_order():
     assert parse_skip("last:2,first:1", names) == ["layers.0", "layers.28", "layers.29"]
     assert parse_skip("context_refiner.*, layers.7", names) == ["context_refiner.0", "context_refiner.1", "layers.7"]
     assert parse_skip(None, names) == []
+
+
+def test_parity_against_the_fp16_bundle_stage_by_stage(fp8_bundle, fp16_bundle):
+    """What a user with real weights runs: the fp8 bundle against their fp16 bundle, no model and no diffusers."""
+    from zimage_trt.parity import IMAGE_BOUND_DB, NETWORK_BOUND, run_against
+    from zimage_trt.runtime.bundle import Bundle
+    from zimage_trt.sessions import open_sessions
+
+    cpu = torch.device("cpu")
+    ours, theirs = Bundle.open(fp8_bundle), Bundle.open(fp16_bundle)
+    rows = run_against(ours, open_sessions("onnxruntime", ours, cpu), theirs, open_sessions("onnxruntime", theirs, cpu),
+                       "onnxruntime", PROMPT, 0, cpu, sizes=[(SIZE, SIZE)])
+    by = {r.stage.split(" ")[0]: r for r in rows}
+    assert [r.stage.split(" ")[0] for r in rows] == ["text_encoder", "transformer", "vae_decoder", "image"]
+    assert by["text_encoder"].precision == "fp16 vs fp16" and by["text_encoder"].max_abs == 0.0  # one graph, one input
+    assert by["vae_decoder"].max_abs == 0.0  # both fp32: the last latents are the fp16 bundle's on both sides
+    assert by["transformer"].precision == "fp8 vs fp16" and by["transformer"].bound == NETWORK_BOUND["fp8"]
+    assert 1e-3 < by["transformer"].rel <= NETWORK_BOUND["fp8"]  # FP8 moves it, within its bound
+    assert by["image"].bound == IMAGE_BOUND_DB["fp8"] and 25.0 <= by["image"].psnr < float("inf")
+    assert all(r.ok for r in rows)
+
+
+def test_parity_against_refusals_are_one_line(capsys, fp8_bundle, fp16_bundle, tmp_path):
+    import shutil
+
+    code, err = run_cli(capsys, "parity", "--bundle", str(fp8_bundle), "--against-engines", str(tmp_path))
+    assert_one_line_error(code, err, "--against BUNDLE")
+    code, err = run_cli(capsys, "parity", "--bundle", str(fp8_bundle), "--against", str(fp16_bundle), "--backend",
+                        "torch")
+    assert_one_line_error(code, err, "onnxruntime or tensorrt")
+    code, err = run_cli(capsys, "parity", "--bundle", str(fp8_bundle), "--against", str(fp16_bundle),
+                        "--guidance-scale", "2")
+    assert_one_line_error(code, err, "drop --guidance-scale")
+    code, err = run_cli(capsys, "parity", "--bundle", str(fp8_bundle), "--against", str(fp16_bundle), "--size",
+                        "48x48")
+    assert_one_line_error(code, err, "48x48")
+    other = tmp_path / "other"  # another model: its configuration differs
+    shutil.copytree(fp16_bundle, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["config"]["transformer"]["n_layers"] += 1
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    code, err = run_cli(capsys, "parity", "--bundle", str(fp8_bundle), "--against", str(other), "--device", "cpu")
+    assert_one_line_error(code, err, "different model")

@@ -122,7 +122,7 @@ def _measured_peaks(device: str) -> str:
     """This process's measured peaks: host max RSS, and PyTorch's allocator on a GPU."""
     import torch
 
-    from zimage_trt.runtime.memory import host_peak_bytes
+    from zimage_trt.peaks import host_peak_bytes
 
     host = host_peak_bytes()
     gpu = (f", GPU {torch.cuda.max_memory_reserved(torch.device(device)) / 1e9:.1f} GB (PyTorch's allocator)"
@@ -297,9 +297,36 @@ def cmd_parity(args) -> None:
         bundle.sizes.check(*size, f"bundle {bundle.root}")
     backend = "tensorrt" if args.engines else args.backend
     args.backend = backend
+    if args.against or args.against_engines:
+        return _parity_against(args, bundle, sizes)
     sessions, device = _sessions(args, bundle)
     _report_parity(run_parity(args.model, bundle, sessions, backend, args.prompt, args.seed, device, sizes,
                               guidance=_guidance(args), loras=_loras(args, bundle)))
+
+
+def _parity_against(args, bundle, sizes) -> None:
+    """parity --against OTHER: this bundle's stages against OTHER's, on the same backend."""
+    import copy
+
+    from zimage_trt.parity import run_against
+    from zimage_trt.runtime.bundle import Bundle
+
+    if not args.against:
+        raise UserError("--against-engines names the engines of the --against bundle; add --against BUNDLE")
+    if args.backend == "torch":
+        raise UserError("--against compares two bundles' graphs or engines: use --backend onnxruntime or tensorrt")
+    if args.backend == "tensorrt" and not args.against_engines:
+        raise UserError("--against with --engines needs the other bundle's engines too: add --against-engines DIR")
+    if args.guidance_scale or args.lora:
+        raise UserError("--against compares the plain Turbo schedule; drop --guidance-scale and --lora")
+    other = Bundle.open(args.against)
+    for size in sizes:
+        other.sizes.check(*size, f"--against bundle {other.root}")
+    theirs_args = copy.copy(args)
+    theirs_args.engines = args.against_engines
+    sessions, device = _sessions(args, bundle)
+    theirs, _ = _sessions(theirs_args, other)
+    _report_parity(run_against(bundle, sessions, other, theirs, args.backend, args.prompt, args.seed, device, sizes))
 
 
 def _report_parity(rows) -> None:
@@ -591,6 +618,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--size", metavar="WxH,...", help="image sizes to check, e.g. 1024x1024,1536x1024 (default: the "
                    "bundle's opt size)")
+    p.add_argument("--against", metavar="BUNDLE",
+                   help="compare with another bundle of the same model instead, stage by stage: e.g. an fp8 bundle "
+                   "against your fp16 one, on your own weights (needs neither --model nor diffusers)")
+    p.add_argument("--against-engines", metavar="DIR", help="with --against and --engines: the other bundle's engines")
     guidance_args(p)
     lora_args(p)
     p.set_defaults(func=cmd_parity)
@@ -655,8 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     _quiet_libraries()
     args = build_parser().parse_args(argv)
-    if args.command == "parity" and args.model is None:
-        print("error: parity needs --model DIR (the original model, for the reference)", file=sys.stderr)
+    if args.command == "parity" and args.model is None and not (args.against or args.against_engines):
+        print("error: parity needs --model DIR (the original model, for the reference), or --against BUNDLE",
+              file=sys.stderr)
         return 2
     try:
         args.func(args)

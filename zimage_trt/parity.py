@@ -64,10 +64,10 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def _compare(stage, backend, precision, got: torch.Tensor, want: torch.Tensor) -> Row:
+def _compare(stage, backend, precision, got: torch.Tensor, want: torch.Tensor, bound: float) -> Row:
     from zimage_trt.export.onnx_export import error_of
 
-    return Row(stage, backend, precision, *error_of(got, want), NETWORK_BOUND[precision])
+    return Row(stage, backend, precision, *error_of(got, want), bound)
 
 
 def reference_images(
@@ -151,7 +151,6 @@ def lora_sources(loras) -> list[tuple[str, float]]:
 def _run_parity(model_dir, bundle, sessions, backend, prompt, seed, device, sizes, guidance, loras) -> list[Row]:
     from zimage_trt.export.reference import reference_modules
     from zimage_trt.runtime.pipeline import ZImageRuntime
-    from zimage_trt.runtime.sizes import format_size
     from zimage_trt.runtime.torch_session import TorchSession
 
     refs = reference_modules(model_dir, torch.float32, device)
@@ -164,17 +163,48 @@ def _run_parity(model_dir, bundle, sessions, backend, prompt, seed, device, size
         ref_rt.set_loras(loras)
         ours_rt.set_loras(loras)
     prec = {n: s.precision for n, s in sessions.items()}
-    label = (lambda size: f" {format_size(*size)}") if len(sizes) > 1 or not bundle.sizes.is_single else (lambda s: "")
-    rows = []
+    bounds = {n: NETWORK_BOUND[p] for n, p in prec.items()}
+    rows = _network_rows(ref_rt, sessions, backend, prec, bounds, prompt, seed, sizes, _labeller(bundle, sizes))
+    ref_rt.close()  # the float32 reference modules, before diffusers' pipeline is loaded
+    del refs, ref_rt
+    release_memory(device)
 
-    # Inputs captured from the reference run: real ids, features and latents rather than noise.
+    ours = {size: ours_rt.generate(prompt, seed, size=size, guidance=guidance) for size in sizes}
+    if loras:
+        ours_rt.set_loras([])  # the caller's sessions get their base weights back
+    ours_rt.close(sessions=False)  # the caller's sessions stay open
+    steps = bundle.scheduler["default_steps"]
+    theirs = reference_images(model_dir, prompt, seed, sizes, steps, device, guidance, sources)
+    release_memory(device)
+    worst = min(prec.values(), key=IMAGE_BOUND_DB.get)  # the image is held to its least precise network
+    cfg = f", cfg {guidance.scale:g}" if guidance is not None and guidance.active else ""
+    cfg += "".join(f", {lora.name}:{strength:g}" for lora, strength in loras)
+    return rows + _image_rows(ours, theirs, backend, worst, IMAGE_BOUND_DB[worst], steps, cfg, _labeller(bundle, sizes))
+
+
+def _labeller(bundle, sizes):
+    """The size suffix of a row's stage: none for a one-size bundle checked at its size."""
+    from zimage_trt.runtime.sizes import format_size
+
+    if len(sizes) > 1 or not bundle.sizes.is_single:
+        return lambda size: f" {format_size(*size)}"
+    return lambda size: ""
+
+
+def _network_rows(ref_rt, sessions, backend, prec, bounds, prompt, seed, sizes, label) -> list[Row]:
+    """Each network of `sessions` against the reference runtime's own session for it, on inputs captured from the
+    reference run (real ids, caption features and latents rather than noise): the text encoder on the prompt, the
+    transformer on the first step's inputs, the VAE on the last step's latents, at each size. `prec` and
+    `bounds`: per network, the precision shown and the bound held."""
+    device = ref_rt.device
+    rows = []
     ids = ref_rt.tokenize(prompt)
     lpad = ref_rt.encode_prompt(ids)
     caption = ref_rt.caption[:, :lpad].clone()
     n = len(ids)
-    feats = torch.empty(1, n, bundle.caption_dim, device=device)
+    feats = torch.empty(1, n, ref_rt.bundle.caption_dim, device=device)
     sessions["text_encoder"].run({"input_ids": ref_rt.ids[:, :n].contiguous()}, {"features": feats})
-    rows.append(_compare("text_encoder", backend, prec["text_encoder"], feats, caption[:, :n]))
+    rows.append(_compare("text_encoder", backend, prec["text_encoder"], feats, caption[:, :n], bounds["text_encoder"]))
 
     for size in sizes:
         ref_rt.use_size(*size)
@@ -188,35 +218,61 @@ def _run_parity(model_dir, bundle, sessions, backend, prompt, seed, device, size
             "cap_feats": caption,
             "cap_len": torch.tensor([n], device=device),
         }
-        got = torch.empty_like(first_latents)
+        got, want = torch.empty_like(first_latents), torch.empty_like(first_latents)
         sessions["transformer"].run(dit_in, {"velocity": got})
-        with torch.no_grad():
-            want = refs["transformer"](*(dit_in[k] for k in refs["transformer"].input_names))
-        rows.append(_compare("transformer" + label(size), backend, prec["transformer"], got, want))
+        ref_rt.transformer.run(dit_in, {"velocity": want})
+        rows.append(_compare("transformer" + label(size), backend, prec["transformer"], got, want,
+                             bounds["transformer"]))
 
         width, height = size
-        image = torch.empty(1, 3, height, width, device=device)
+        image, want = (torch.empty(1, 3, height, width, device=device) for _ in range(2))
         sessions["vae_decoder"].run({"latents": last_latents}, {"image": image})
-        with torch.no_grad():
-            want = refs["vae_decoder"](last_latents)
-        rows.append(_compare("vae_decoder" + label(size), backend, prec["vae_decoder"], image, want))
-    ref_rt.close()  # the float32 reference modules, before diffusers' pipeline is loaded
-    del refs, ref_rt, want
-    release_memory(device)
+        ref_rt.vae.run({"latents": last_latents}, {"image": want})
+        rows.append(_compare("vae_decoder" + label(size), backend, prec["vae_decoder"], image, want,
+                             bounds["vae_decoder"]))
+    return rows
 
-    ours = {size: ours_rt.generate(prompt, seed, size=size, guidance=guidance) for size in sizes}
-    if loras:
-        ours_rt.set_loras([])  # the caller's sessions get their base weights back
-    ours_rt.close(sessions=False)  # the caller's sessions stay open
-    steps = bundle.scheduler["default_steps"]
-    theirs = reference_images(model_dir, prompt, seed, sizes, steps, device, guidance, sources)
-    release_memory(device)
-    worst = min(prec.values(), key=IMAGE_BOUND_DB.get)  # the image is held to its least precise network
-    for size in sizes:
+
+def _image_rows(ours: dict, theirs: dict, backend, precision, bound, steps, extra, label) -> list[Row]:
+    """{size: 8-bit image} against {size: 8-bit image}: max pixel difference and PSNR."""
+    rows = []
+    for size in ours:
         a, b = ours[size], theirs[size]
         diff = float(np.abs(a.astype(np.int32) - b.astype(np.int32)).max())
-        cfg = f", cfg {guidance.scale:g}" if guidance is not None and guidance.active else ""
-        cfg += "".join(f", {lora.name}:{strength:g}" for lora, strength in loras)
-        stage = f"image{label(size)} ({steps} steps{cfg})"
-        rows.append(Row(stage, backend, worst, diff, diff / 255, IMAGE_BOUND_DB[worst], psnr(a, b)))
+        rows.append(Row(f"image{label(size)} ({steps} steps{extra})", backend, precision, diff, diff / 255, bound,
+                        psnr(a, b)))
     return rows
+
+
+def run_against(bundle, sessions, other, other_sessions, backend, prompt, seed, device="cpu", sizes=None) -> list[Row]:
+    """This bundle's networks and image against another bundle's of the same model, stage by stage: e.g. an fp8
+    bundle against the user's fp16 one, on their own weights, without the original model or diffusers.
+
+    Each network of `sessions` runs on inputs captured from `other`'s run and is compared with `other_sessions`'
+    output; the images of both runtimes for the prompt and seed are compared as PSNR. A row's precision reads
+    "ours vs theirs"; its bound is the looser of the two precisions' bounds against float32.
+    """
+    from zimage_trt.errors import UserError
+    from zimage_trt.runtime.pipeline import ZImageRuntime
+
+    if bundle.manifest.get("config") != other.manifest.get("config"):
+        raise UserError(f"--against {other.root}: a different model from {bundle.root} (their network "
+                        "configurations differ); compare two bundles exported from one model")
+    device = torch.device(device)
+    sizes = list(sizes or [bundle.sizes.opt])
+    theirs_rt, ours_rt = ZImageRuntime(other, other_sessions, device), ZImageRuntime(bundle, sessions, device)
+    for size in sizes:
+        ours_rt.check_size(*size)
+        theirs_rt.check_size(*size)
+    pairs = {n: (s.precision, other_sessions[n].precision) for n, s in sessions.items()}
+    prec = {n: f"{a} vs {b}" for n, (a, b) in pairs.items()}
+    bounds = {n: max(NETWORK_BOUND[a], NETWORK_BOUND[b]) for n, (a, b) in pairs.items()}
+    label = _labeller(bundle, sizes)
+    rows = _network_rows(theirs_rt, sessions, backend, prec, bounds, prompt, seed, sizes, label)
+    ours = {size: ours_rt.generate(prompt, seed, size=size) for size in sizes}
+    theirs = {size: theirs_rt.generate(prompt, seed, size=size) for size in sizes}
+    for rt in (ours_rt, theirs_rt):
+        rt.close(sessions=False)  # the caller's sessions stay open
+    worst = min((p for pair in pairs.values() for p in pair), key=IMAGE_BOUND_DB.get)
+    steps = bundle.scheduler["default_steps"]
+    return rows + _image_rows(ours, theirs, backend, f"{worst} (worst)", IMAGE_BOUND_DB[worst], steps, "", label)
