@@ -611,7 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("parity", help="compare every stage of a backend with eager PyTorch and diffusers",
                        description="Per-network errors against the float32 reference modules and the image's PSNR "
-                       "against diffusers' ZImagePipeline, as a table. Exit 2 if a stage is out of bounds.")
+                       "against diffusers' ZImagePipeline (needs --model), or with --against against another bundle "
+                       "of the same model, as a table. Exit 2 if a stage is out of bounds.")
     runtime_args(p, memory=False)
     p.set_defaults(model=None)
     p.add_argument("--prompt", default="A photograph of a red fox sitting in fresh snow at sunrise")

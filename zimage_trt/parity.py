@@ -5,6 +5,9 @@ ids, its caption features, the first step's latents, the last step's latents) an
 max|err| and max|err| / max|ref|. End to end, the runtime's image on that backend is compared with the image
 of diffusers' `ZImagePipeline(..., num_inference_steps=9, guidance_scale=0.0)` for the same prompt and seed,
 as PSNR in dB over 8-bit pixels.
+
+`parity --against OTHER` (run_against) compares two bundles of one model the same way, OTHER's run giving the
+inputs and the reference: what a lower precision costs on the user's own weights, without the model or diffusers.
 """
 
 from __future__ import annotations
@@ -164,7 +167,8 @@ def _run_parity(model_dir, bundle, sessions, backend, prompt, seed, device, size
         ours_rt.set_loras(loras)
     prec = {n: s.precision for n, s in sessions.items()}
     bounds = {n: NETWORK_BOUND[p] for n, p in prec.items()}
-    rows = _network_rows(ref_rt, sessions, backend, prec, bounds, prompt, seed, sizes, _labeller(bundle, sizes))
+    label = _labeller(bundle, sizes)
+    rows = _network_rows(ref_rt, sessions, backend, prec, bounds, prompt, seed, sizes, label)
     ref_rt.close()  # the float32 reference modules, before diffusers' pipeline is loaded
     del refs, ref_rt
     release_memory(device)
@@ -179,7 +183,7 @@ def _run_parity(model_dir, bundle, sessions, backend, prompt, seed, device, size
     worst = min(prec.values(), key=IMAGE_BOUND_DB.get)  # the image is held to its least precise network
     cfg = f", cfg {guidance.scale:g}" if guidance is not None and guidance.active else ""
     cfg += "".join(f", {lora.name}:{strength:g}" for lora, strength in loras)
-    return rows + _image_rows(ours, theirs, backend, worst, IMAGE_BOUND_DB[worst], steps, cfg, _labeller(bundle, sizes))
+    return rows + _image_rows(ours, theirs, backend, worst, IMAGE_BOUND_DB[worst], steps, cfg, label)
 
 
 def _labeller(bundle, sizes):
