@@ -61,4 +61,3 @@ def one_pass_inputs(caption_dim: int, width: int, height: int, device) -> tuple:
     latents = torch.randn(1, 16, height // 8, width // 8, generator=g)
     caption = torch.randn(1, 32, caption_dim, generator=g)
     return tuple(t.to(device) for t in (latents, torch.tensor([0.6]), caption, torch.tensor([21], dtype=torch.int64)))
-

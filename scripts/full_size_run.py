@@ -23,8 +23,9 @@
 
 Each stage runs as its own process; its wall time, peak host memory (the child's max RSS) and peak GPU memory
 (sampled with NVML every 0.2 s: the device's, and the stage's own process where NVML lists it, which tells two
-stages running side by side apart; the export also records PyTorch's allocator peaks in its manifest) are recorded in WORK/results/stages.json as soon as it ends, so a run cut short
-keeps what it measured. The model folder is deleted before the build to leave disk for the engines.
+stages running side by side apart; the export also records PyTorch's allocator peaks in its manifest) are
+recorded in WORK/results/stages.json as soon as it ends, so a run cut short keeps what it measured. The model
+folder is deleted before the build to leave disk for the engines.
 
     python scripts/full_size_run.py --work /root/work --size-range 512:2048 --skip bench
 """

@@ -168,7 +168,7 @@ def _run_parity(model_dir, bundle, sessions, backend, prompt, seed, device, size
     prec = {n: s.precision for n, s in sessions.items()}
     bounds = {n: NETWORK_BOUND[p] for n, p in prec.items()}
     label = _labeller(bundle, sizes)
-    rows = _network_rows(ref_rt, sessions, backend, prec, bounds, prompt, seed, sizes, label)
+    rows, _ = _network_rows(ref_rt, sessions, backend, prec, bounds, prompt, seed, sizes, label)
     ref_rt.close()  # the float32 reference modules, before diffusers' pipeline is loaded
     del refs, ref_rt
     release_memory(device)
@@ -195,13 +195,14 @@ def _labeller(bundle, sizes):
     return lambda size: ""
 
 
-def _network_rows(ref_rt, sessions, backend, prec, bounds, prompt, seed, sizes, label) -> list[Row]:
+def _network_rows(ref_rt, sessions, backend, prec, bounds, prompt, seed, sizes, label) -> tuple[list[Row], dict]:
     """Each network of `sessions` against the reference runtime's own session for it, on inputs captured from the
     reference run (real ids, caption features and latents rather than noise): the text encoder on the prompt, the
     transformer on the first step's inputs, the VAE on the last step's latents, at each size. `prec` and
-    `bounds`: per network, the precision shown and the bound held."""
+    `bounds`: per network, the precision shown and the bound held. Also returns the reference run's images
+    ({size: HxWx3 uint8}, what its `generate` gives for the prompt and seed)."""
     device = ref_rt.device
-    rows = []
+    rows, images = [], {}
     ids = ref_rt.tokenize(prompt)
     lpad = ref_rt.encode_prompt(ids)
     caption = ref_rt.caption[:, :lpad].clone()
@@ -229,12 +230,12 @@ def _network_rows(ref_rt, sessions, backend, prec, bounds, prompt, seed, sizes, 
                              bounds["transformer"]))
 
         width, height = size
-        image, want = (torch.empty(1, 3, height, width, device=device) for _ in range(2))
+        image = torch.empty(1, 3, height, width, device=device)
         sessions["vae_decoder"].run({"latents": last_latents}, {"image": image})
-        ref_rt.vae.run({"latents": last_latents}, {"image": want})
-        rows.append(_compare("vae_decoder" + label(size), backend, prec["vae_decoder"], image, want,
+        images[size] = ref_rt.decode()  # the VAE on its last latents, into ref_rt.image
+        rows.append(_compare("vae_decoder" + label(size), backend, prec["vae_decoder"], image, ref_rt.image,
                              bounds["vae_decoder"]))
-    return rows
+    return rows, images
 
 
 def _image_rows(ours: dict, theirs: dict, backend, precision, bound, steps, extra, label) -> list[Row]:
@@ -272,9 +273,8 @@ def run_against(bundle, sessions, other, other_sessions, backend, prompt, seed, 
     prec = {n: f"{a} vs {b}" for n, (a, b) in pairs.items()}
     bounds = {n: max(NETWORK_BOUND[a], NETWORK_BOUND[b]) for n, (a, b) in pairs.items()}
     label = _labeller(bundle, sizes)
-    rows = _network_rows(theirs_rt, sessions, backend, prec, bounds, prompt, seed, sizes, label)
+    rows, theirs = _network_rows(theirs_rt, sessions, backend, prec, bounds, prompt, seed, sizes, label)
     ours = {size: ours_rt.generate(prompt, seed, size=size) for size in sizes}
-    theirs = {size: theirs_rt.generate(prompt, seed, size=size) for size in sizes}
     for rt in (ours_rt, theirs_rt):
         rt.close(sessions=False)  # the caller's sessions stay open
     worst = min((p for pair in pairs.values() for p in pair), key=IMAGE_BOUND_DB.get)
