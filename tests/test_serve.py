@@ -158,6 +158,24 @@ def test_a_full_queue_answers_429_with_retry_after(server):
     assert server.metric("zimage_rejected_requests_total", reason="queue_full") >= 1
 
 
+def test_a_client_that_keeps_the_queue_exactly_full_is_never_refused(server):
+    """Queue size 2: one running and two waiting fit. Three clients that each send their next request the moment
+    an answer arrives (what Ray's router does at max_ongoing_requests = queue_size + 1) all get 200s: a job's
+    slot is free before its answer is sent, however late the worker takes the next job off the queue."""
+    codes = []
+
+    def client(i):
+        for k in range(4):
+            codes.append(server.post({"prompt": f"keep full {i}", "seed": 10 * i + k, "num_inference_steps": 2})[0])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert codes == [200] * 12
+
+
 def test_past_the_deadline_is_a_503_and_costs_no_gpu_time(fp32_bundle):
     # Four long jobs, a 1 s deadline: the first runs (and overruns), the three behind it expire in the queue.
     with running_server(fp32_bundle, "--queue-size", "4", "--timeout", "1") as s:

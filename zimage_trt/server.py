@@ -100,7 +100,11 @@ class ImageService:
     def __init__(self, opts: ServeOptions):
         self.opts = opts
         self.metrics = Metrics()
-        self.queue: queue.Queue = queue.Queue(maxsize=opts.queue_size)
+        self.queue: queue.Queue = queue.Queue()
+        # Admission: a job holds a slot from submit until the worker is done with it, released *before* its answer
+        # is sent, so a client (or Ray's router, at max_ongoing_requests = queue_size + 1) that sends the next
+        # request on an answer always finds a slot; the queue's own length lags behind the worker.
+        self.slots = threading.BoundedSemaphore(opts.queue_size + 1)
         self.ready = False
         self.draining = False
         self.worker: threading.Thread | None = None
@@ -140,7 +144,7 @@ class ImageService:
         self.draining = True
         self.ready = False
         if self.worker is not None:
-            self.queue.put(None)  # after everything queued: blocks only while the queue is full
+            self.queue.put(None)  # after everything queued
             self.worker.join()
             self.worker = None
         if self.runtime is not None:  # its tokenizer stays for a late request's validation (answered 503)
@@ -175,10 +179,11 @@ class ImageService:
             self.metrics.queue_depth.set(self.queue.qsize())
             if job.cancelled:
                 self.metrics.skipped.labels(job.cancelled).inc()
+                self.slots.release()
                 continue
             if time.monotonic() > job.deadline:
                 self.metrics.skipped.labels("deadline").inc()
-                job.loop.call_soon_threadsafe(_resolve, job.future, None, ApiError(
+                self._answer(job, None, ApiError(
                     503, "the request waited past its deadline", code="timeout", kind="server_error"))
                 continue
             start = time.monotonic()
@@ -188,7 +193,11 @@ class ImageService:
             except Exception as exc:  # noqa: BLE001 - the request fails, the worker lives on
                 result, error = None, ApiError(500, f"generation failed: {exc}", code="internal", kind="server_error")
             self.avg_seconds = 0.8 * self.avg_seconds + 0.2 * (time.monotonic() - start)
-            job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
+            self._answer(job, result, error)
+
+    def _answer(self, job: Job, result, error) -> None:
+        self.slots.release()  # first: the next request may arrive the moment this answer is sent
+        job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
 
     def _generate(self, job: Job, seed: int, clock):
         rt = self.runtime
@@ -334,12 +343,11 @@ class ImageService:
                            code="unavailable", kind="server_error")
         job = Job(req["prompt"], [req["seed"] + i for i in range(req["n"])], req["steps"], req["size"],
                   req["guidance"], req["lora"], time.monotonic() + self.opts.timeout_s, loop, loop.create_future())
-        try:
-            self.queue.put_nowait(job)
-        except queue.Full:
-            retry = max(1, round(self.avg_seconds * (self.queue.qsize() + 1)))
+        if not self.slots.acquire(blocking=False):
+            retry = max(1, round(self.avg_seconds * (self.opts.queue_size + 1)))
             raise ApiError(429, f"the queue is full ({self.opts.queue_size} waiting); retry in about {retry} s",
-                           code="queue_full", kind="rate_limit_error", headers={"Retry-After": str(retry)}) from None
+                           code="queue_full", kind="rate_limit_error", headers={"Retry-After": str(retry)})
+        self.queue.put(job)
         self.metrics.queue_depth.set(self.queue.qsize())
         return job
 
