@@ -174,8 +174,10 @@ def check_size(meta: dict, network_name: str, width: int, height: int, fix: str)
         )
 
 
-# The oldest compute capability with tensor cores for each quantized format: FP8 from Ada (sm89) and Hopper.
-QUANT_MIN_CC = {"fp8": 89}
+# The oldest compute capability with tensor cores for each quantized format: FP8 from Ada (sm89) and Hopper,
+# NVFP4 from Blackwell (sm100 datacenter, sm120 RTX).
+QUANT_MIN_CC = {"fp8": 89, "nvfp4": 100}
+QUANT_GPUS = {"fp8": "Ada, Hopper, Blackwell", "nvfp4": "Blackwell"}
 
 
 def cc_number(name: str) -> int:
@@ -187,8 +189,9 @@ def check_quantized_target(network_name: str, quantization: dict | None, cc: str
     """A quantized network needs its format's tensor cores: one line naming the GPU (`where`) when they are absent."""
     fmt = (quantization or {}).get("format")
     if fmt and cc_number(cc) < QUANT_MIN_CC[fmt]:
+        older = "an fp8 or fp16" if fmt == "nvfp4" and cc_number(cc) >= QUANT_MIN_CC["fp8"] else "an fp16"
         raise UserError(f"the {network_name} is {fmt}-quantized and {where} ({cc}) has no {fmt.upper()} tensor cores "
-                        f"(sm{QUANT_MIN_CC[fmt]} or newer: Ada, Hopper, Blackwell); export an fp16 bundle for it")
+                        f"(sm{QUANT_MIN_CC[fmt]} or newer: {QUANT_GPUS[fmt]}); export {older} bundle for it")
 
 
 def check_gpu(meta: dict, network_name: str, gpu: dict | None, fix: str) -> None:

@@ -56,8 +56,10 @@ from .onnx_export import (
 BUNDLE_FORMAT = "zimage-trt-bundle"
 BUNDLE_VERSION = 2  # 2: image_sizes (a size range); runtime/bundle.py still reads 1 as one size
 NETWORKS = ("text_encoder", "transformer", "vae_decoder")
-# fp8: the transformer's weights and activations in fp16 with FP8 Q/DQ on its quantized layers (quantize.py)
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.float16}
+# fp8, nvfp4: the transformer in fp16 with FP8 or NVFP4 Q/DQ on its quantized layers (quantize.py)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.float16,
+          "nvfp4": torch.float16}
+QUANTIZED = ("fp8", "nvfp4")  # quantize.FORMATS
 DEFAULT_PRECISION = {"text_encoder": "fp16", "transformer": "fp16", "vae_decoder": "bf16"}
 # onnxruntime on a CPU takes minutes per TFLOP; graphs with more parameters than this are checked on a GPU
 # (`zimage-trt parity`) rather than at export.
@@ -76,7 +78,7 @@ class ExportOptions:
     fp16_scales: dict | None = None  # block -> {"attn": s, "ffn": s}; None: calibrate when the DiT is fp16
     calibration_prompts: list[str] | None = None
     calibration_steps: int = 9
-    quant_skip: str | None = None  # --quant-skip: blocks an fp8 transformer keeps unquantized (quantize.parse_skip)
+    quant_skip: str | None = None  # --quant-skip: blocks a quantized transformer keeps in fp16 (quantize.parse_skip)
     loras: list = field(default_factory=list)  # [(original LoRA file, scale)] baked into the transformer
     max_gpu_memory: int | None = None  # bytes this process may take on the GPU (--max-gpu-memory)
     force: bool = False
@@ -95,10 +97,11 @@ def validate_options(opts: ExportOptions) -> None:
             raise UserError(f"unknown network '{name}' in the precision options (networks: {', '.join(NETWORKS)})")
         if prec not in DTYPES:
             raise UserError(f"precision '{prec}' for {name} is not one of {', '.join(DTYPES)}")
-        if prec == "fp8" and name != "transformer":
-            raise UserError(f"fp8 is for the transformer (--dit-precision fp8), not the {name}")
-    if opts.quant_skip and opts.precision.get("transformer") != "fp8":
-        raise UserError("--quant-skip keeps blocks of an fp8 transformer unquantized; add --dit-precision fp8")
+        if prec in QUANTIZED and name != "transformer":
+            raise UserError(f"{prec} is for the transformer (--dit-precision {prec}), not the {name}")
+    if opts.quant_skip and opts.precision.get("transformer") not in QUANTIZED:
+        raise UserError("--quant-skip keeps blocks of a quantized transformer unquantized; add --dit-precision fp8 "
+                        "or nvfp4")
     if opts.precision.get("vae_decoder") == "fp16":
         raise UserError("the Flux VAE overflows in fp16; use --vae-precision bf16 (default) or fp32")
     if opts.check not in ("auto", "always", "never"):
@@ -225,8 +228,9 @@ class _Exporter:
         reference = make_reference() if mode else None
         for label, inputs in checks:
             what = f"{name}@{label}" if label else name
-            if mode == "onnxruntime":
-                self.step(f"{what}: checking with onnxruntime")
+            if mode == "onnxruntime":  # nvfp4: onnx's reference evaluator (onnxruntime has no FP4 kernels)
+                runner = "onnx's reference evaluator" if prec == "nvfp4" else "onnxruntime"
+                self.step(f"{what}: checking with {runner}")
                 result = check_onnx(what, path, reference, inputs, prec)
             elif mode == "eager":
                 self.step(f"{what}: checking the eager twin on {self.device}")
@@ -284,8 +288,8 @@ class _Exporter:
         from .weight_map import map_weights
 
         prec = self.opts.precision["transformer"]
-        scales = features = None  # features: the calibration prompts' caption features, kept for FP8's calibration
-        if prec in ("fp16", "fp8"):  # calibrated first, so its model is freed before the exported one is loaded
+        scales = features = None  # features: the calibration prompts' caption features, kept for quantizing
+        if prec in ("fp16", *QUANTIZED):  # calibrated first, so its model is freed before the exported one is loaded
             scales = self.opts.fp16_scales
             if scales is None:
                 features = self._caption_features()
@@ -301,9 +305,9 @@ class _Exporter:
                 bake_loras(dit, self.loras)
             return dit
 
-        # straight into the export precision, shard by shard; fp8 calibrates in the calibration's precision and is
-        # cast to fp16 in place after
-        dit = load(self._calibration_dtype() if prec == "fp8" else DTYPES[prec], self.device)
+        # straight into the export precision, shard by shard; fp8/nvfp4 calibrate in the calibration's precision
+        # and are cast to fp16 in place after
+        dit = load(self._calibration_dtype() if prec in QUANTIZED else DTYPES[prec], self.device)
         self.extra["transformer_config"] = {k: v for k, v in dit.config.items() if not k.startswith("_")}
         if self.loras:
             self.extra["loras"] = [source.record() for source in self.loras]
@@ -311,8 +315,8 @@ class _Exporter:
             # After the cast: dividing by a power of two is exact in fp16 too (the runtime's torch backend folds
             # the same way, so its weights equal the graph's bit for bit).
             self.extra["fp16_rescaled_blocks"] = fold_rescale(dit, scales)
-        if prec == "fp8":
-            self._quantize(dit, features)
+        if prec in QUANTIZED:
+            self._quantize(dit, prec, features)
         del features
         module = DiTForExport(dit, DTYPES[prec], inplace=True)
         c = dit.config.cap_feat_dim
@@ -338,7 +342,7 @@ class _Exporter:
             dim_names={"2*h_tokens": "latent_height", "2*w_tokens": "latent_width"},
         )
         self.networks["transformer"]["fp16_scales"] = scales
-        if prec == "fp8":  # a run-time LoRA would move weights past their calibrated FP8 scales: baked only
+        if prec in QUANTIZED:  # a run-time LoRA would move weights past their calibrated scales: baked only
             self.networks["transformer"]["quantization"] = self.extra.pop("quantization")
         else:
             self.step("transformer: mapping weights to the graph (for LoRA)")
@@ -347,8 +351,8 @@ class _Exporter:
             )
         return module
 
-    def _quantize(self, dit, features: list | None) -> None:
-        """FP8: ModelOpt's quantizers into `dit` (rescaled, LoRAs baked: what is exported), calibrated on the
+    def _quantize(self, dit, fmt: str, features: list | None) -> None:
+        """FP8 or NVFP4: ModelOpt's quantizers into `dit` (rescaled, LoRAs baked: what is exported), calibrated on the
         calibration prompts through the whole schedule (quantize.py); `features`: their caption features, if the
         FP16 calibration computed them."""
         from .calibrate import run_schedule, schedule_pipeline
@@ -356,12 +360,12 @@ class _Exporter:
         from .quantize import QuantRecipe, parse_skip, prompts_sha256, quantize
 
         prompts = self._prompts()
-        recipe = QuantRecipe("fp8", parse_skip(self.opts.quant_skip, list(blocks(dit))), prompts_sha256(prompts),
+        recipe = QuantRecipe(fmt, parse_skip(self.opts.quant_skip, list(blocks(dit))), prompts_sha256(prompts),
                              self.opts.calibration_steps)
         if features is None:  # scales were given: the features were not computed for the FP16 calibration
-            self.step("transformer: caption features for the FP8 calibration")
+            self.step(f"transformer: caption features for the {fmt} calibration")
             features = self._caption_features()
-        self.step(f"transformer: calibrating fp8 on {len(prompts)} prompts")
+        self.step(f"transformer: calibrating {fmt} on {len(prompts)} prompts")
         width, height = self.opts.sizes.opt
         pipe = schedule_pipeline(self.model_dir, dit)
         n = quantize(dit, recipe, lambda _: run_schedule(pipe, features, height, width, recipe.steps))
@@ -515,8 +519,8 @@ def export_needs(model_dir: Path, opts: ExportOptions) -> ExportNeeds:
     for net in NETWORKS:
         count = checkpoint.weight_count(model_dir, SOURCE_COMPONENT[net])
         held = count * DTYPES[opts.precision[net]].itemsize  # the network where it runs
-        calibrated = opts.precision[net] == "fp8" or (opts.precision[net] == "fp16" and opts.fp16_scales is None)
-        if net == "transformer" and calibrated:  # in the calibration's precision (fp8: also while quantizing)
+        calibrated = opts.precision[net] in QUANTIZED or (opts.precision[net] == "fp16" and opts.fp16_scales is None)
+        if net == "transformer" and calibrated:  # in the calibration's precision (also while quantizing)
             held = max(held, count * (2 if on_gpu else 4))
         if on_gpu:
             copy = count * DTYPES[opts.precision[net]].itemsize  # the exporter's, while it writes the graph
@@ -536,7 +540,7 @@ def export_bundle(model_dir, out, opts: ExportOptions | None = None, progress=No
     out = Path(out)
     if out.exists() and not opts.force:
         raise UserError(f"{out} already exists; pass --force to replace it")
-    if opts.precision.get("transformer") == "fp8":  # ModelOpt installed, and --quant-skip names real blocks
+    if opts.precision.get("transformer") in QUANTIZED:  # ModelOpt installed, and --quant-skip names real blocks
         from .fp16 import block_names
         from .quantize import modelopt_version, parse_skip
 

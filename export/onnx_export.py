@@ -24,11 +24,14 @@ from zimage_trt.errors import UserError
 DEFAULT_OPSET = 23
 # FP8 (E4M3, 3 mantissa bits) against float32: set from measurement, see quantize.py and BENCHMARKS.md
 FP8_BOUND = 1e-1
+# NVFP4 (E2M1, 1 mantissa bit, blocks of 16) against float32, set from measurement (BENCHMARKS.md): the tiny
+# transformer's graph 7.7e-2 with the test recipe's skips, its fake-quantized twin 1.39e-1 with none
+NVFP4_BOUND = 2.5e-1
 TWO_GB = 2 * 1024**3
 
 # max|onnx - reference| / max|reference| allowed by the self-check, per graph precision. The reference is the
 # module in float32, so the fp16/bf16 bounds include the rounding of the lower precision itself.
-TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2, "fp8": FP8_BOUND}
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2, "fp8": FP8_BOUND, "nvfp4": NVFP4_BOUND}
 
 
 @dataclass
@@ -57,11 +60,12 @@ class CheckResult:
 
 def export_onnx(module, inputs: tuple, path: Path, dynamic_shapes: dict | None, opset: int = DEFAULT_OPSET) -> Path:
     """Export `module(*inputs)` to `path`; the graph's I/O names are the module's input_names/output_names.
-    A module with FP8 quantizers is exported with their Q/DQ (quantize.py)."""
-    from .quantize import export_options
+    A module with FP8 or NVFP4 quantizers is exported with their Q/DQ (quantize.py)."""
+    from .quantize import export_options, quant_format
 
     module.eval()
     mode, translations = export_options(module)
+    nvfp4 = quant_format(module) == "nvfp4"
     path.parent.mkdir(parents=True, exist_ok=True)
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     # The exporter logs every decomposition it tries; keep the user's terminal for the progress bar.
@@ -87,7 +91,23 @@ def export_onnx(module, inputs: tuple, path: Path, dynamic_shapes: dict | None, 
             _drop_constants(program)
     finally:
         quiet.setLevel(level)
+    if nvfp4:
+        _store_fp4_weights(path)
     return path
+
+
+def _store_fp4_weights(path: Path) -> None:
+    """Rewrite a written NVFP4 graph with its weights in FP4 (quantize.finish_nvfp4): read whole, weights included,
+    and written again, its external data (if any) replaced."""
+    import onnx
+
+    from .quantize import finish_nvfp4
+
+    model = finish_nvfp4(onnx.load(str(path)))
+    data = path.with_name(path.name + ".data")
+    big = data.exists()
+    data.unlink(missing_ok=True)
+    onnx.save(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True, location=data.name)
 
 
 # The exporter's graph rewriter (onnxscript) keeps the graphs it last matched in module-level pattern matchers, so
@@ -178,6 +198,8 @@ def check_onnx(name: str, path: Path, reference, inputs: tuple, precision: str, 
 
     providers = providers or ["CPUExecutionProvider"]
     tol = TOLERANCE[precision]
+    if precision == "nvfp4":
+        return _check_nvfp4(name, path, reference, inputs)
     if precision == "bf16" and providers == ["CPUExecutionProvider"]:
         return CheckResult(name, precision, 0.0, 0.0, tol, providers[0], "onnxruntime's CPU provider has no BF16 kernels")
     options = ort.SessionOptions()
@@ -191,6 +213,19 @@ def check_onnx(name: str, path: Path, reference, inputs: tuple, precision: str, 
     with torch.no_grad(), strict_fp32():
         want = reference(*inputs)
     return compare(name, torch.from_numpy(got), want, precision, providers[0])
+
+
+def _check_nvfp4(name: str, path: Path, reference, inputs: tuple) -> CheckResult:
+    """An NVFP4 graph has no onnxruntime kernels: onnx's reference evaluator runs it (quantize.py), in the graph's
+    own types (FP4 values, FP8 scales, fp16 between layers)."""
+    from .quantize import nvfp4_reference_session
+
+    session = nvfp4_reference_session(path)
+    feeds = {n: t.detach().cpu().numpy() for n, t in zip(session.input_names, inputs)}
+    got = session.run([session.output_names[0]], feeds)[0]
+    with torch.no_grad(), strict_fp32():
+        want = reference(*inputs)
+    return compare(name, torch.from_numpy(np.asarray(got, dtype=np.float32)), want, "nvfp4", "onnx reference evaluator")
 
 
 @contextlib.contextmanager

@@ -490,12 +490,14 @@ def build_parser() -> argparse.ArgumentParser:
                    " the fastest choice when you serve one size)")
     p.add_argument("--width", type=int, help="one-size bundle: image width in pixels, multiple of 16 (default 1024)")
     p.add_argument("--precision", choices=PRECISIONS, help="one precision for all networks (the VAE is never fp16)")
-    p.add_argument("--dit-precision", choices=PRECISIONS + ("fp8",),
+    p.add_argument("--dit-precision", choices=PRECISIONS + ("fp8", "nvfp4"),
                    help="transformer precision (default fp16). fp8: FP8 E4M3 post-training quantization of its "
                    "attention and feed-forward layers with NVIDIA ModelOpt, calibrated on the calibration prompts "
-                   "(engines for sm89 and newer: Ada, Hopper, Blackwell)")
+                   "(engines for sm89 and newer: Ada, Hopper, Blackwell). nvfp4: the same layers in NVFP4 (FP4 "
+                   "values in blocks of 16 with FP8 scales; engines for Blackwell: sm100, sm120; TensorRT only, "
+                   "onnxruntime has no FP4 kernels)")
     p.add_argument("--quant-skip", metavar="BLOCKS",
-                   help="with --dit-precision fp8: blocks kept unquantized, comma-separated: names (layers.0, "
+                   help="with --dit-precision fp8 or nvfp4: blocks kept unquantized, comma-separated: names (layers.0, "
                    "noise_refiner.1), globs (context_refiner.*), first:N or last:N of the main layers")
     p.add_argument("--text-encoder-precision", choices=PRECISIONS, help="text encoder precision (default fp16)")
     p.add_argument("--vae-precision", choices=("bf16", "fp32"), help="VAE decoder precision (default bf16)")

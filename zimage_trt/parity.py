@@ -21,10 +21,13 @@ import torch
 from zimage_trt.sessions import release_memory
 
 # max|err| / max|ref| per network precision (reference: float32 eager modules).
-NETWORK_BOUND = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 6e-2, "fp8": 1e-1}
+# nvfp4 (TensorRT on Blackwell only: no backend here runs it): the tiny model's fake-quantized twin measured 7.2e-2
+# with the test recipe's skips and 1.39e-1 with every block quantized (BENCHMARKS.md)
+NETWORK_BOUND = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 6e-2, "fp8": 1e-1, "nvfp4": 2.5e-1}
 # PSNR of the 8-bit image against diffusers' fp32 image: fp32 graphs must be near-identical; reduced precision
 # runs through 9 steps of a random model (the tiny model's dynamics amplify rounding more than real weights).
-IMAGE_BOUND_DB = {"fp32": 40.0, "fp16": 30.0, "bf16": 25.0, "fp8": 25.0}
+# nvfp4: diffusers' pipeline with the fake-quantized transformer measured 45.3 dB (41.1 dB, every block quantized).
+IMAGE_BOUND_DB = {"fp32": 40.0, "fp16": 30.0, "bf16": 25.0, "fp8": 25.0, "nvfp4": 25.0}
 
 
 @dataclass

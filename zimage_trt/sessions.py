@@ -55,8 +55,14 @@ def open_sessions(
     """The three sessions of `bundle` on `backend`. vram="sequential": nothing is left on the GPU at load beyond
     what one group needs (the runtime's --vram sequential then moves the groups in turn)."""
     sequential = vram == "sequential" and device.type == "cuda"
+    quantized = (bundle.network("transformer").get("quantization") or {}).get("format")
     if backend == "onnxruntime":
         from zimage_trt.runtime.ort_session import OrtSession
+
+        if quantized == "nvfp4":
+            raise UserError("this bundle's transformer is nvfp4 and onnxruntime has no FP4 kernels: run it with "
+                            "--backend tensorrt on a Blackwell GPU (sm100, sm120), or export an fp8 bundle for "
+                            "onnxruntime")
 
         return {n: OrtSession(n, bundle.onnx_path(n), bundle.network(n)["precision"], device) for n in NETWORKS}
     if backend == "torch":
@@ -65,9 +71,11 @@ def open_sessions(
         from zimage_trt.export.reference import reference_modules
         from zimage_trt.runtime.torch_session import TorchSession
 
-        if bundle.network("transformer").get("quantization"):
-            raise UserError("--backend torch runs the unquantized eager twins; this bundle's transformer is fp8: use "
-                            "--backend onnxruntime (any CPU) or tensorrt (sm89 and newer)")
+        if quantized:
+            where = ("--backend onnxruntime (any CPU) or tensorrt (sm89 and newer)" if quantized == "fp8" else
+                     "--backend tensorrt (sm100, sm120)")
+            raise UserError(f"--backend torch runs the unquantized eager twins; this bundle's transformer is "
+                            f"{quantized}: use {where}")
         scales = bundle.network("transformer").get("fp16_scales")
         # sequential: built in host memory, moved to the GPU by the runtime when their turn comes
         mods = reference_modules(model_dir, TORCH_DTYPES[torch_dtype], "cpu" if sequential else device, scales)

@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""The FP8 transformer's error at full size, before any export: ModelOpt's fake-quantized eager twin against the
-fp16 twin and the float32 reference, on one transformer pass.
+"""The quantized transformer's error at full size, before any export: ModelOpt's fake-quantized eager twin (fp8 or
+nvfp4) against the fp16 twin and the float32 reference, on one transformer pass.
 
-It runs what `export --dit-precision fp8` runs up to the ONNX step: the calibration prompts' caption features
-(text encoder alone), the FP16 rescale calibration, then the FP8 calibration of the rescaled transformer through
-the whole schedule (export/quantize.py). Then one pass at --size of: the FP8 twin (fp16 with FP8 Q/DQ on the
-quantized layers), the fp16 twin (the torch backend's module), and diffusers' float32 transformer (offloaded).
+It runs what `export --dit-precision FORMAT` runs up to the ONNX step: the calibration prompts' caption features
+(text encoder alone), the FP16 rescale calibration, then the FP8/NVFP4 calibration of the rescaled transformer
+through the whole schedule (export/quantize.py). Then one pass at --size of: the quantized twin (fp16 with Q/DQ on
+the quantized layers), the fp16 twin (the torch backend's module), and diffusers' float32 transformer (offloaded).
 
-    python scripts/fp8_twin_check.py --model M [--size 1024x1024] [--quant-skip first:2] [--json out.json]
+    python scripts/quant_twin_check.py --model M [--format fp8|nvfp4] [--size 1024x1024] [--quant-skip first:2]
+                                       [--json out.json]
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--size", default="1024x1024", help="WxH of the calibration and the pass (default 1024x1024)")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--format", default="fp8", choices=("fp8", "nvfp4"), help="quantization format (default fp8)")
     ap.add_argument("--quant-skip", help="blocks kept unquantized (as export --quant-skip)")
     ap.add_argument("--prompts", type=int, default=0, help="use the first N calibration prompts (default all)")
     ap.add_argument("--json", help="write the results here")
@@ -53,19 +55,19 @@ def main() -> None:
     seconds["fp16 calibration (features + peaks)"] = time.perf_counter() - start
     dit = checkpoint.load_transformer(args.model, cal, device)
     fold_rescale(dit, scales)
-    recipe = QuantRecipe("fp8", parse_skip(args.quant_skip, list(blocks(dit))), prompts_sha256(prompts))
+    recipe = QuantRecipe(args.format, parse_skip(args.quant_skip, list(blocks(dit))), prompts_sha256(prompts))
     start = time.perf_counter()
     pipe = schedule_pipeline(args.model, dit)
     layers = quantize(dit, recipe, lambda _: run_schedule(pipe, features, height, width, recipe.steps))
-    seconds["fp8 calibration"] = time.perf_counter() - start
+    seconds[f"{args.format} calibration"] = time.perf_counter() - start
     del pipe, features
 
     feeds = one_pass_inputs(dit.config.cap_feat_dim, width, height, device)
     out = {}
     with torch.no_grad():
-        fp8 = DiTForExport(dit, torch.float16, inplace=True)
-        out["fp8 twin"] = fp8(*feeds).cpu()
-        del fp8, dit
+        twin = DiTForExport(dit, torch.float16, inplace=True)
+        out[f"{args.format} twin"] = twin(*feeds).cpu()
+        del twin, dit
         twin = reference_modules(args.model, torch.float16, device, scales, networks=("transformer",))["transformer"]
         out["fp16 twin"] = twin(*feeds).cpu()
         del twin
@@ -73,8 +75,9 @@ def main() -> None:
         reference = float32_reference(functools.partial(checkpoint.load_transformer, args.model), DiffusersDiT, device)
         out["float32"] = reference(*feeds).cpu()
 
-    rows, table = pair_errors(out, (("fp8 twin", "float32"), ("fp8 twin", "fp16 twin"), ("fp16 twin", "float32")))
-    print(f"FP8 transformer at {width}x{height}: {layers} layers quantized, skip {recipe.skip or 'none'}, "
+    q = f"{args.format} twin"
+    rows, table = pair_errors(out, ((q, "float32"), (q, "fp16 twin"), ("fp16 twin", "float32")))
+    print(f"{args.format.upper()} transformer at {width}x{height}: {layers} layers quantized, skip {recipe.skip or 'none'}, "
           f"{len(prompts)} calibration prompts x 9 steps")
     print(table)
     for k, v in seconds.items():
@@ -82,7 +85,8 @@ def main() -> None:
     if device.type == "cuda":
         print(f"GPU allocator peak: {torch.cuda.max_memory_allocated(device) / 1e9:.1f} GB")
     if args.json:
-        Path(args.json).write_text(json.dumps({"size": [width, height], "layers": layers, "skip": recipe.skip,
+        Path(args.json).write_text(json.dumps({"format": args.format, "size": [width, height], "layers": layers,
+                                               "skip": recipe.skip, "unblocked": recipe.unblocked,
                                                "errors": rows, "seconds": seconds}, indent=2))
 
 
