@@ -542,9 +542,11 @@ def export_bundle(model_dir, out, opts: ExportOptions | None = None, progress=No
         raise UserError(f"{out} already exists; pass --force to replace it")
     if opts.precision.get("transformer") in QUANTIZED:  # ModelOpt installed, and --quant-skip names real blocks
         from .fp16 import block_names
-        from .quantize import modelopt_version, parse_skip
+        from .quantize import modelopt_version, nvfp4_exporter, parse_skip
 
         modelopt_version()
+        if opts.precision["transformer"] == "nvfp4":
+            nvfp4_exporter()
         config = json.loads((model_dir / "transformer" / "config.json").read_text())
         parse_skip(opts.quant_skip, block_names(config))
     loras = []

@@ -29,8 +29,10 @@ onnx's reference evaluator, TRT_FP4DynamicQuantize computed by ModelOpt's own NV
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
+import io
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -84,6 +86,20 @@ def modelopt_version() -> str:
         raise UserError(f"FP8 and NVFP4 export need NVIDIA ModelOpt: {INSTALL}") from None
 
 
+def nvfp4_exporter():
+    """ModelOpt's NVFP4 ONNX exporter, or one line saying what to install (its ONNX package imports more than the
+    base ModelOpt package brings)."""
+    modelopt_version()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            from modelopt.onnx.export.nvfp4_exporter import NVFP4QuantExporter
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or str(exc).splitlines()[0]
+        raise UserError(f"NVFP4 export needs ModelOpt's ONNX exporter, which needs {missing}: pip install onnxslim "
+                        "lief onnx-graphsurgeon (or the project's [quantize] extra)") from None
+    return NVFP4QuantExporter
+
+
 def prompts_sha256(prompts: list[str]) -> str:
     return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
 
@@ -132,8 +148,6 @@ def modelopt_config(recipe: QuantRecipe) -> dict:
 def quantize(transformer: torch.nn.Module, recipe: QuantRecipe, forward_loop) -> int:
     """Insert ModelOpt's quantizers into the diffusers transformer in place and calibrate them by running
     `forward_loop(transformer)`; returns how many layers are quantized."""
-    import contextlib
-    import io
     import warnings
 
     modelopt_version()
@@ -145,7 +159,6 @@ def quantize(transformer: torch.nn.Module, recipe: QuantRecipe, forward_loop) ->
         import modelopt.torch.quantization as mtq
 
         _nvfp4_on_cpu()
-
         mtq.quantize(transformer, modelopt_config(recipe), forward_loop)
     return sum(1 for _, m in quantizers(transformer) if m.is_enabled) // 2  # an input and a weight quantizer each
 
@@ -245,8 +258,6 @@ def quant_format(module: torch.nn.Module) -> str | None:
 def export_options(module: torch.nn.Module) -> tuple:
     """(context, custom_translation_table) for torch.onnx.export of `module`: ModelOpt's export mode and the Q/DQ
     translations when it holds enabled quantizers; nothing otherwise."""
-    import contextlib
-
     if quant_format(module) is None:
         return contextlib.nullcontext(), None
     from modelopt.torch.quantization.utils import export_torch_mode
@@ -260,8 +271,6 @@ def finish_nvfp4(model):
     """The written NVFP4 graph (an onnx ModelProto, weights loaded) with its weights stored in FP4: each weight's
     dynamic quantization becomes the static form ModelOpt's exporter takes (`TRT_FP4QDQ` on the weight), which
     its NVFP4QuantExporter turns into FP4 values, FP8 block scales and two DequantizeLinear. Returns the model."""
-    import contextlib
-    import io
     import logging
 
     import onnx
@@ -280,15 +289,14 @@ def finish_nvfp4(model):
             graph.node.remove(done)
         graph.node.insert(at, onnx.helper.make_node("TRT_FP4QDQ", [node.input[0]], [dq_values.output[0]],
                                                     name=dq_values.name, domain="trt", block_size=block))
-    with contextlib.redirect_stdout(io.StringIO()):
-        from modelopt.onnx.export.nvfp4_exporter import NVFP4QuantExporter as E
-
-        quiet = logging.getLogger("modelopt")
-        level, quiet.level = quiet.level, logging.WARNING
-        try:
-            model = E.post_process(E.compress_weights(E.compute_scales(model)))
-        finally:
-            quiet.setLevel(level)
+    exporter = nvfp4_exporter()
+    quiet = logging.getLogger("modelopt")  # its INFO lines, not the user's
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        model = exporter.post_process(exporter.compress_weights(exporter.compute_scales(model)))
+    finally:
+        quiet.setLevel(level)
     used = {name for n in model.graph.node for name in n.input}  # the weights' calibrated scales are unused now
     kept = [t for t in model.graph.initializer if t.name in used]
     model.graph.ClearField("initializer")

@@ -10,6 +10,8 @@
                      GPU, uncapped (its peaks say what it needs), in the background beside the stages that follow
                      (--fp8-bundle DIR)
     build-fp8        then, in the same background thread: TensorRT-RTX builds its transformer for sm89
+    export-nvfp4     then, in the same thread: zimage-trt export --dit-precision nvfp4 (--nvfp4-bundle DIR)
+    build-nvfp4      then: TensorRT-RTX builds its transformer for sm120 (a failed export skips only its build)
     export           zimage-trt export (fp16 DiT and text encoder, bf16 VAE), checked on the GPU, under
                      --max-gpu-memory (--export-cap); one size, or with --size-range every size in a range
     ort-check        the exported transformer.onnx run once by onnxruntime on the CPU beside its eager twin and
@@ -123,8 +125,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", required=True, help="folder for the model, bundle, engines and results")
     ap.add_argument("--skip", default="",
-                    help="comma-separated stages to skip (gpu-tests,make,export-cpu,export,export-fp8,build-fp8,ort-check,"
-                         "vram-all,vram-sequential,bench,build,build-one,pass-bench)")
+                    help="comma-separated stages to skip (gpu-tests,make,export-cpu,export,export-fp8,build-fp8,"
+                         "export-nvfp4,build-nvfp4,ort-check,vram-all,vram-sequential,bench,build,build-one,"
+                         "pass-bench)")
     ap.add_argument("--size-range", help="export every size in MIN:MAX (default: one size, 1024x1024)")
     ap.add_argument("--opt-size", default="1024x1024", help="the opt size of --size-range (default 1024x1024)")
     ap.add_argument("--build-networks", default="text_encoder,transformer,vae_decoder",
@@ -133,6 +136,7 @@ def main() -> int:
     ap.add_argument("--vram-cap", default="24GiB", help="allocator cap of the vram-* stages (default 24GiB)")
     ap.add_argument("--cpu-bundle", help="where export-cpu writes (default WORK/bundle-cpu; another disk if short)")
     ap.add_argument("--fp8-bundle", help="where export-fp8 writes (default WORK/bundle-fp8; another disk if short)")
+    ap.add_argument("--nvfp4-bundle", help="where export-nvfp4 writes (default WORK/bundle-nvfp4)")
     ap.add_argument("--iters", default="5", help="timed generations per system in the bench (default 5)")
     ap.add_argument("--size", default="full", choices=("full", "tiny"), help="tiny: a quick dry run of the stages")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu for a dry run")
@@ -159,6 +163,7 @@ def main() -> int:
                   "--networks", args.build_networks]
     cpu_bundle = Path(args.cpu_bundle) if args.cpu_bundle else work / "bundle-cpu"
     fp8_bundle = Path(args.fp8_bundle) if args.fp8_bundle else work / "bundle-fp8"
+    nvfp4_bundle = Path(args.nvfp4_bundle) if args.nvfp4_bundle else work / "bundle-nvfp4"
     cap = ["--max-gpu-memory", args.export_cap] if args.device.startswith("cuda") else []
     capped = [sys.executable, str(repo / "scripts" / "capped.py"), args.vram_cap, "generate", "--bundle", str(bundle),
               "--backend", "torch", "--model", str(model), "--torch-dtype", "fp16", "--device", args.device,
@@ -174,6 +179,11 @@ def main() -> int:
                        + (["--vae-precision", "fp32"] if args.size == "tiny" else [])),
         ("build-fp8", zt + ["build", "--bundle", str(fp8_bundle), "--backend", "tensorrt-rtx", "--target", "sm89",
                             "--networks", "transformer", "--out", str(work / "engines-fp8")]),
+        ("export-nvfp4", zt + ["export", "--model", str(model), "--out", str(nvfp4_bundle), "--device", args.device,
+                               "--force", "--dit-precision", "nvfp4"] + sizes
+                         + (["--vae-precision", "fp32"] if args.size == "tiny" else [])),
+        ("build-nvfp4", zt + ["build", "--bundle", str(nvfp4_bundle), "--backend", "tensorrt-rtx", "--target",
+                              "sm120", "--networks", "transformer", "--out", str(work / "engines-nvfp4")]),
         ("export", zt + ["export", "--model", str(model), "--out", str(bundle), "--device", args.device, "--force"]
                    + cap + sizes + (["--vae-precision", "fp32"] if args.size == "tiny" else [])),
         ("ort-check", [sys.executable, str(repo / "scripts" / "ort_transformer_check.py"), "--bundle", str(bundle),
@@ -195,20 +205,24 @@ def main() -> int:
     def save():
         (results / "stages.json").write_text(json.dumps(records, indent=2) + "\n")
 
-    def in_background(chain, log, out, keep):
-        """Run the (name, argv) stages of `chain` in turn, the next only if the last succeeded; then keep
-        `out`'s manifest as results/`keep` and delete `out` (measured; its disk goes back to the other stages)."""
-        for name, argv in chain:
-            if name.startswith("build") and not rtx_importable(name):
-                continue
-            record = run_stage(name, argv, log, env, work)
-            records.append(record)
-            save()
-            if record["exit_code"] != 0:
-                break
-        if (out / "manifest.json").exists():
-            shutil.copy(out / "manifest.json", results / keep)
-        shutil.rmtree(out, ignore_errors=True)
+    def in_background(chain):
+        """Run the (name, argv, bundle, kept manifest) stages of `chain` in turn, a build only if its export
+        succeeded. Once a bundle's last stage is done, keep its manifest as results/<kept> and delete it
+        (measured; its disk goes back to the other stages)."""
+        failed = set()
+        for k, (name, argv, out, keep) in enumerate(chain):
+            kind = name.split("-", 1)[1]
+            if not (name.startswith("build") and (kind in failed or not rtx_importable(name))):
+                record = run_stage(name, argv, log, env, work)
+                records.append(record)
+                save()
+                if record["exit_code"] != 0:
+                    failed.add(kind)
+            if k + 1 < len(chain) and chain[k + 1][2] == out:
+                continue  # this bundle's build comes next
+            if (out / "manifest.json").exists():
+                shutil.copy(out / "manifest.json", results / keep)
+            shutil.rmtree(out, ignore_errors=True)
 
     def rtx_importable(name):
         try:
@@ -220,18 +234,26 @@ def main() -> int:
 
     # stages that run in a background thread beside the rest: name -> (the chain, its bundle, its kept manifest)
     commands = dict(stages)
-    chains = {"export-cpu": ([("export-cpu", commands["export-cpu"])], cpu_bundle, "manifest-cpu.json"),
-              "export-fp8": ([(n, commands[n]) for n in ("export-fp8", "build-fp8") if n not in skip], fp8_bundle,
-                             "manifest-fp8.json")}
-    with open(work / "run.log", "a") as log:
+    quantized = [("export-fp8", fp8_bundle, "manifest-fp8.json"), ("build-fp8", fp8_bundle, "manifest-fp8.json"),
+                 ("export-nvfp4", nvfp4_bundle, "manifest-nvfp4.json"),
+                 ("build-nvfp4", nvfp4_bundle, "manifest-nvfp4.json")]
+    chains = {"export-cpu": [("export-cpu", commands["export-cpu"], cpu_bundle, "manifest-cpu.json")],
+              # one after another: each uncapped quantizing export takes about what the capped fp16 export takes
+              "export-fp8": [(n, commands[n], out, keep) for n, out, keep in quantized[:4]]}
+    chains = {start: [stage for stage in chain if stage[0] not in skip] for start, chain in chains.items()}
+    log = open(work / "run.log", "a")
+    with log:
         for name, argv in stages:
-            if name in skip or name == "build-fp8":
+            if name in ("build-fp8", "export-nvfp4", "build-nvfp4"):  # in the export-fp8 chain
                 continue
-            if name in chains:
-                chain, out, keep = chains[name]
-                thread = threading.Thread(target=in_background, args=(chain, log, out, keep))
+            if name in chains:  # started where its first stage stands, even if that one is skipped
+                if not chains[name]:
+                    continue
+                thread = threading.Thread(target=in_background, args=(chains[name],))
                 thread.start()
                 background.append(thread)
+                continue
+            if name in skip:
                 continue
             if name == "make" and model.exists():
                 shutil.rmtree(model)
@@ -254,8 +276,9 @@ def main() -> int:
     for f in [bundle / "manifest.json", *sorted(engines.glob("*.engine.json"))]:
         if f.exists():
             shutil.copy(f, results / f.name)
-    for f in sorted((work / "engines-fp8").glob("*.engine.json")):
-        shutil.copy(f, results / f"fp8.{f.name}")
+    for fmt in ("fp8", "nvfp4"):
+        for f in sorted((work / f"engines-{fmt}").glob("*.engine.json")):
+            shutil.copy(f, results / f"{fmt}.{f.name}")
     for f in sorted((work / "engines-one").glob("*.engine.json")):
         shutil.copy(f, results / f"one-size.{f.name}")
     save()
