@@ -232,7 +232,8 @@ def _nvfp4_on_cpu() -> None:
             return tensor_quant._dynamic_block_quantize_impl(inputs, block_size, amax, num_bits, exponent_bits,
                                                              scale_num_bits, scale_exponent_bits)
         global_scale = amax.float().amax() / (FP4_E2M1_MAX * FP8_E4M3_MAX)
-        packed, block_scales, _ = NVFP4QTensor.quantize(inputs.float(), block_size, weights_scaling_factor_2=global_scale)
+        packed, block_scales, _ = NVFP4QTensor.quantize(inputs.float(), block_size,
+                                                        weights_scaling_factor_2=global_scale)
         return packed.dequantize(dtype=torch.float32, scale=block_scales, double_scale=global_scale,
                                  block_sizes={-1: block_size}).to(inputs.dtype)
 

@@ -77,7 +77,8 @@ def main() -> None:
 
     q = f"{args.format} twin"
     rows, table = pair_errors(out, ((q, "float32"), (q, "fp16 twin"), ("fp16 twin", "float32")))
-    print(f"{args.format.upper()} transformer at {width}x{height}: {layers} layers quantized, skip {recipe.skip or 'none'}, "
+    print(f"{args.format.upper()} transformer at {width}x{height}: {layers} layers quantized, "
+          f"skip {recipe.skip or 'none'}, "
           f"{len(prompts)} calibration prompts x 9 steps")
     print(table)
     for k, v in seconds.items():
