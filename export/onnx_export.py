@@ -189,19 +189,29 @@ def _strict_copy(path: Path):
 
 
 def check_onnx(name: str, path: Path, reference, inputs: tuple, precision: str, providers=None) -> CheckResult:
-    """Run the graph with onnxruntime on `inputs` and compare with `reference(*inputs)` (a float32 module).
+    """Run the graph on `inputs` and compare with `reference(*inputs)` (a float32 module): with onnxruntime, or for
+    an NVFP4 graph (no onnxruntime kernels) with onnx's reference evaluator.
 
     Reduced-precision graphs are run strictly (see _strict_copy), so an FP16 overflow anywhere in
     the graph reaches the result as inf/NaN instead of being hidden by onnxruntime's FP32 fallback.
     """
+    providers = providers or ["CPUExecutionProvider"]
+    if precision == "bf16" and providers == ["CPUExecutionProvider"]:
+        return CheckResult(name, precision, 0.0, 0.0, TOLERANCE[precision], providers[0],
+                           "onnxruntime's CPU provider has no BF16 kernels")
+    if precision == "nvfp4":
+        got, runner = _run_reference_evaluator(path, inputs), "onnx reference evaluator"
+    else:
+        got, runner = _run_onnxruntime(path, inputs, precision, providers), providers[0]
+    with torch.no_grad(), strict_fp32():
+        want = reference(*inputs)
+    return compare(name, torch.from_numpy(np.asarray(got, dtype=np.float32)), want, precision, runner)
+
+
+def _run_onnxruntime(path: Path, inputs: tuple, precision: str, providers: list) -> np.ndarray:
+    """The graph's first output on `inputs`, as written (onnxruntime's rewrites off), strictly below fp32."""
     import onnxruntime as ort
 
-    providers = providers or ["CPUExecutionProvider"]
-    tol = TOLERANCE[precision]
-    if precision == "nvfp4":
-        return _check_nvfp4(name, path, reference, inputs)
-    if precision == "bf16" and providers == ["CPUExecutionProvider"]:
-        return CheckResult(name, precision, 0.0, 0.0, tol, providers[0], "onnxruntime's CPU provider has no BF16 kernels")
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # The check compares the graph as written, not onnxruntime's rewrites of it.
@@ -209,23 +219,17 @@ def check_onnx(name: str, path: Path, reference, inputs: tuple, precision: str, 
     with contextlib.nullcontext(path) if precision == "fp32" else _strict_copy(path) as run_path:
         session = ort.InferenceSession(str(run_path), options, providers=providers)
         feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs)}
-        got = session.run([session.get_outputs()[0].name], feeds)[0]
-    with torch.no_grad(), strict_fp32():
-        want = reference(*inputs)
-    return compare(name, torch.from_numpy(got), want, precision, providers[0])
+        return session.run([session.get_outputs()[0].name], feeds)[0]
 
 
-def _check_nvfp4(name: str, path: Path, reference, inputs: tuple) -> CheckResult:
-    """An NVFP4 graph has no onnxruntime kernels: onnx's reference evaluator runs it (quantize.py), in the graph's
+def _run_reference_evaluator(path: Path, inputs: tuple) -> np.ndarray:
+    """The graph's first output with onnx's reference evaluator (quantize.nvfp4_reference_session), in the graph's
     own types (FP4 values, FP8 scales, fp16 between layers)."""
     from .quantize import nvfp4_reference_session
 
     session = nvfp4_reference_session(path)
     feeds = {n: t.detach().cpu().numpy() for n, t in zip(session.input_names, inputs)}
-    got = session.run([session.output_names[0]], feeds)[0]
-    with torch.no_grad(), strict_fp32():
-        want = reference(*inputs)
-    return compare(name, torch.from_numpy(np.asarray(got, dtype=np.float32)), want, "nvfp4", "onnx reference evaluator")
+    return session.run([session.output_names[0]], feeds)[0]
 
 
 @contextlib.contextmanager

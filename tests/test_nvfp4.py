@@ -14,27 +14,15 @@ import torch
 from zimage_trt.errors import UserError
 from zimage_trt.export.onnx_export import TOLERANCE
 
-from .conftest import PROMPT, SIZE
+from .quantized import export_quantized, linear_model, transformer_of
 from .test_user_errors import assert_one_line_error, run_cli
 
-SKIP = "first:1,noise_refiner.*"  # as the fp8 tests: the first main layer and both noise refiners stay fp16
 PER_BLOCK = 7  # to_q, to_k, to_v, to_out.0, w1, w2, w3
 
 
 @pytest.fixture(scope="module")
 def nvfp4_bundle(tiny_model, tmp_path_factory):
-    from zimage_trt.export.bundle import ExportOptions, export_bundle
-
-    out = tmp_path_factory.mktemp("bundles") / "nvfp4"
-    prec = {"text_encoder": "fp16", "transformer": "nvfp4", "vae_decoder": "fp32"}
-    export_bundle(tiny_model, out, ExportOptions(height=SIZE, width=SIZE, precision=prec, quant_skip=SKIP,
-                                                 fp16_scales={}, calibration_steps=3,
-                                                 calibration_prompts=[PROMPT, "a bowl of ramen"]))
-    return out
-
-
-def transformer_of(bundle) -> dict:
-    return json.loads((bundle / "manifest.json").read_text())["networks"]["transformer"]
+    return export_quantized(tiny_model, tmp_path_factory, "nvfp4")
 
 
 def test_nvfp4_bundle_records_its_recipe_and_is_checked_against_float32(nvfp4_bundle, tiny_model):
@@ -80,22 +68,6 @@ def test_graph_stores_quantized_weights_in_fp4_and_quantizes_their_inputs_at_run
     assert fp4_bytes == sum(np.prod(t.dims) for t in fp4) // 2 and fp4_bytes > 0 and fp16_bytes > 0
 
 
-def _linear_model(features: int):
-    class Model(torch.nn.Module):  # a block's feed-forward w1, where the recipe looks for it
-        input_names, output_names = ("x",), ("y",)
-
-        def __init__(self):
-            super().__init__()
-            self.layers = torch.nn.ModuleList([torch.nn.Module()])
-            self.layers[0].feed_forward = torch.nn.Module()
-            self.layers[0].feed_forward.w1 = torch.nn.Linear(features, 96)
-
-        def forward(self, x):
-            return self.layers[0].feed_forward.w1(x)
-
-    return Model
-
-
 def test_nvfp4_graph_equals_modelopt_fake_quantization(tmp_path):
     """One quantized Linear in fp16, calibrated by ModelOpt, exported through the project's path: the graph, run by
     onnx's reference evaluator (its FP4 weights decoded by onnx, its activations quantized by ModelOpt's NVFP4
@@ -104,7 +76,7 @@ def test_nvfp4_graph_equals_modelopt_fake_quantization(tmp_path):
     from zimage_trt.export.quantize import QuantRecipe, nvfp4_reference_session, quantize
 
     torch.manual_seed(0)
-    model, x = _linear_model(64)().half(), (torch.randn(1, 40, 64) * 3).half()
+    model, x = linear_model(64).half(), (torch.randn(1, 40, 64) * 3).half()
     assert quantize(model, QuantRecipe("nvfp4"), lambda m: m(x)) == 1
     with torch.no_grad():
         want = model(x * 0.9).float()

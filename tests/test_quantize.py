@@ -14,27 +14,15 @@ from zimage_trt.errors import UserError
 from zimage_trt.export.onnx_export import TOLERANCE
 
 from .conftest import PROMPT, SIZE
+from .quantized import CALIBRATION_PROMPTS, export_quantized, linear_model, transformer_of
 from .test_user_errors import assert_one_line_error, run_cli
 
-SKIP = "first:1,noise_refiner.*"  # the first main layer and both noise refiners stay fp16
 QUANTIZED_PER_BLOCK = 7  # to_q, to_k, to_v, to_out.0, w1, w2, w3
 
 
 @pytest.fixture(scope="module")
 def fp8_bundle(tiny_model, tmp_path_factory):
-    from zimage_trt.export.bundle import ExportOptions, export_bundle
-
-    out = tmp_path_factory.mktemp("bundles") / "fp8"
-    prec = {"text_encoder": "fp16", "transformer": "fp8", "vae_decoder": "fp32"}
-    # FP16 scales given (none needed on this model) and a 3-step calibration: a test's budget, not a recipe
-    export_bundle(tiny_model, out, ExportOptions(height=SIZE, width=SIZE, precision=prec, quant_skip=SKIP,
-                                                 fp16_scales={}, calibration_steps=3,
-                                                 calibration_prompts=[PROMPT, "a bowl of ramen"]))
-    return out
-
-
-def transformer_of(bundle) -> dict:
-    return json.loads((bundle / "manifest.json").read_text())["networks"]["transformer"]
+    return export_quantized(tiny_model, tmp_path_factory, "fp8")
 
 
 def test_fp8_bundle_records_its_recipe_and_is_checked_against_float32(fp8_bundle, tiny_model):
@@ -47,7 +35,7 @@ def test_fp8_bundle_records_its_recipe_and_is_checked_against_float32(fp8_bundle
     blocks = block_names(config)
     assert q["format"] == "fp8" and q["skip"] == ["noise_refiner.0", "noise_refiner.1", "layers.0"]
     assert q["quantized_layers"] == (len(blocks) - 3) * QUANTIZED_PER_BLOCK
-    assert q["prompts_sha256"] == prompts_sha256([PROMPT, "a bowl of ramen"]) and q["steps"] == 3
+    assert q["prompts_sha256"] == prompts_sha256(CALIBRATION_PROMPTS) and q["steps"] == 3
     assert "weights" not in net  # no run-time LoRA on calibrated FP8 weights
     manifest = json.loads((fp8_bundle / "manifest.json").read_text())
     (check,) = [c for c in manifest["checks"] if c["name"] == "transformer"]
@@ -84,20 +72,8 @@ def test_qdq_translation_equals_modelopt_fake_quantization(tmp_path):
     from zimage_trt.export.onnx_export import export_onnx
     from zimage_trt.export.quantize import QuantRecipe, quantize
 
-    class Model(torch.nn.Module):  # a block's feed-forward w1, where the recipe looks for it
-        input_names, output_names = ("x",), ("y",)
-
-        def __init__(self):
-            super().__init__()
-            self.layers = torch.nn.ModuleList([torch.nn.Module()])
-            self.layers[0].feed_forward = torch.nn.Module()
-            self.layers[0].feed_forward.w1 = torch.nn.Linear(64, 96)
-
-        def forward(self, x):
-            return self.layers[0].feed_forward.w1(x)
-
     g = torch.Generator().manual_seed(0)
-    model, x = Model(), torch.randn(1, 40, 64, generator=g) * 3
+    model, x = linear_model(64), torch.randn(1, 40, 64, generator=g) * 3
     assert quantize(model, QuantRecipe(), lambda m: m(x)) == 1
     with torch.no_grad():
         want = model(x * 0.9)
