@@ -25,8 +25,9 @@ DEFAULT_OPSET = 23
 # FP8 (E4M3, 3 mantissa bits) against float32: set from measurement, see quantize.py and BENCHMARKS.md
 FP8_BOUND = 1e-1
 # NVFP4 (E2M1, 1 mantissa bit, blocks of 16) against float32, set from measurement (BENCHMARKS.md): the tiny
-# transformer's graph 7.7e-2 with the test recipe's skips, its fake-quantized twin 1.39e-1 with none
-NVFP4_BOUND = 2.5e-1
+# transformer's graph 7.7e-2 with the test recipe's skips, its fake-quantized twin 1.39e-1 with none; the
+# full-size twin (random weights, every block quantized, H200) 2.86e-1. A broken graph is off by ~1 or more.
+NVFP4_BOUND = 4e-1
 TWO_GB = 2 * 1024**3
 
 # max|onnx - reference| / max|reference| allowed by the self-check, per graph precision. The reference is the

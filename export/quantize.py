@@ -242,7 +242,11 @@ def _nvfp4_on_cpu() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "overriding a previously registered kernel": that is the point
         _CPU_KERNEL = torch.library.Library("tensorrt", "IMPL")
-        _CPU_KERNEL.impl("dynamic_block_quantize_op", kernel, "CPU")
+        try:
+            _CPU_KERNEL.impl("dynamic_block_quantize_op", kernel, "CPU", allow_override=True)
+        except TypeError:  # torch < 2.12 has no allow_override; its registry refuses a second Python kernel
+            torch.library._impls.discard("tensorrt/dynamic_block_quantize_op/CPU")
+            _CPU_KERNEL.impl("dynamic_block_quantize_op", kernel, "CPU")
 
 
 _CPU_KERNEL = None

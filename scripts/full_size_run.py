@@ -10,7 +10,8 @@
                      GPU, uncapped (its peaks say what it needs), in the background beside the stages that follow
                      (--fp8-bundle DIR)
     build-fp8        then, in the same background thread: TensorRT-RTX builds its transformer for sm89
-    export-nvfp4     then, in the same thread: zimage-trt export --dit-precision nvfp4 (--nvfp4-bundle DIR)
+    export-nvfp4     then, in the same thread (or in a thread of its own beside it: --quant-side-by-side):
+                     zimage-trt export --dit-precision nvfp4 (--nvfp4-bundle DIR)
     build-nvfp4      then: TensorRT-RTX builds its transformer for sm120 (a failed export skips only its build)
     export           zimage-trt export (fp16 DiT and text encoder, bf16 VAE), checked on the GPU, under
                      --max-gpu-memory (--export-cap); one size, or with --size-range every size in a range
@@ -137,6 +138,9 @@ def main() -> int:
     ap.add_argument("--cpu-bundle", help="where export-cpu writes (default WORK/bundle-cpu; another disk if short)")
     ap.add_argument("--fp8-bundle", help="where export-fp8 writes (default WORK/bundle-fp8; another disk if short)")
     ap.add_argument("--nvfp4-bundle", help="where export-nvfp4 writes (default WORK/bundle-nvfp4)")
+    ap.add_argument("--quant-side-by-side", action="store_true",
+                    help="run the nvfp4 export and build in their own thread beside the fp8 pair, not after it "
+                         "(faster; the two exports' host peaks may then add up)")
     ap.add_argument("--iters", default="5", help="timed generations per system in the bench (default 5)")
     ap.add_argument("--size", default="full", choices=("full", "tiny"), help="tiny: a quick dry run of the stages")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu for a dry run")
@@ -237,14 +241,17 @@ def main() -> int:
     quantized = [("export-fp8", fp8_bundle, "manifest-fp8.json"), ("build-fp8", fp8_bundle, "manifest-fp8.json"),
                  ("export-nvfp4", nvfp4_bundle, "manifest-nvfp4.json"),
                  ("build-nvfp4", nvfp4_bundle, "manifest-nvfp4.json")]
+    quantized = [(n, commands[n], out, keep) for n, out, keep in quantized]
+    # one after another by default: each uncapped quantizing export takes about what the capped fp16 export takes
     chains = {"export-cpu": [("export-cpu", commands["export-cpu"], cpu_bundle, "manifest-cpu.json")],
-              # one after another: each uncapped quantizing export takes about what the capped fp16 export takes
-              "export-fp8": [(n, commands[n], out, keep) for n, out, keep in quantized[:4]]}
+              **({"export-fp8": quantized[:2], "export-nvfp4": quantized[2:]} if args.quant_side_by_side
+                 else {"export-fp8": quantized})}
+    chained = {stage[0] for chain in chains.values() for stage in chain[1:]}  # run by their chain's thread
     chains = {start: [stage for stage in chain if stage[0] not in skip] for start, chain in chains.items()}
     log = open(work / "run.log", "a")
     with log:
         for name, argv in stages:
-            if name in ("build-fp8", "export-nvfp4", "build-nvfp4"):  # in the export-fp8 chain
+            if name in chained:
                 continue
             if name in chains:  # started where its first stage stands, even if that one is skipped
                 if not chains[name]:

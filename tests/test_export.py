@@ -144,7 +144,7 @@ def test_offloaded_float32_reference_computes_what_the_resident_one_does(tiny_mo
 def test_export_states_its_memory_needs_from_the_checkpoint_headers(tiny_model, fp16_bundle):
     """What `export` says it needs comes from the safetensors headers alone; the weights it counts are exactly
     those the loaded networks hold, and the manifest records the measured peaks of every stage."""
-    from zimage_trt.export.bundle import GPU_MARGIN, HOST_MARGIN, ExportOptions, export_needs
+    from zimage_trt.export.bundle import GPU_MARGIN, HOST_MARGIN, NVFP4_REWRITE_BYTES, ExportOptions, export_needs
 
     dit = sum(p.numel() for p in checkpoint.load_transformer(tiny_model).parameters())
     shard = max(f.stat().st_size for f in (tiny_model / "transformer").glob("*.safetensors"))
@@ -158,6 +158,9 @@ def test_export_states_its_memory_needs_from_the_checkpoint_headers(tiny_model, 
     assert fp8.host == 4 * dit + shard + HOST_MARGIN
     gpu = export_needs(tiny_model, ExportOptions(device="cuda"))  # fp16 network + float32 reference on the host
     assert gpu.gpu == 2 * dit + GPU_MARGIN and gpu.host == 2 * dit + 4 * dit + HOST_MARGIN
+    nvfp4 = export_needs(tiny_model, ExportOptions(  # unchecked: the FP4 rewrite of the written graph decides
+        device="cuda", check="never", precision={**ExportOptions().precision, "transformer": "nvfp4"}))
+    assert nvfp4.host == int(dit * NVFP4_REWRITE_BYTES) + HOST_MARGIN and nvfp4.largest == "transformer"
     assert "needs about" in cpu.line("cpu") and "GPU" in gpu.line("cuda")
     stages = [s["stage"] for s in manifest(fp16_bundle)["export_memory"]]
     assert stages[0] == "text_encoder: loading" and stages[-1] == "export done"
