@@ -46,6 +46,7 @@ from .onnx_export import (
     CheckResult,
     check_eager,
     check_onnx,
+    check_runner,
     export_onnx,
     graph_io,
     release_weights,
@@ -229,8 +230,7 @@ class _Exporter:
         for label, inputs in checks:
             what = f"{name}@{label}" if label else name
             if mode == "onnxruntime":  # nvfp4: onnx's reference evaluator (onnxruntime has no FP4 kernels)
-                runner = "onnx's reference evaluator" if prec == "nvfp4" else "onnxruntime"
-                self.step(f"{what}: checking with {runner}")
+                self.step(f"{what}: checking with {check_runner(prec)}")
                 result = check_onnx(what, path, reference, inputs, prec)
             elif mode == "eager":
                 self.step(f"{what}: checking the eager twin on {self.device}")

@@ -189,6 +189,15 @@ def _strict_copy(path: Path):
         strict.unlink(missing_ok=True)
 
 
+REFERENCE_EVALUATOR = "onnx reference evaluator"
+
+
+def check_runner(precision: str) -> str:
+    """What runs a graph of `precision` in the check: onnxruntime, or for NVFP4 (no onnxruntime FP4 kernels) onnx's
+    reference evaluator."""
+    return REFERENCE_EVALUATOR if precision == "nvfp4" else "onnxruntime"
+
+
 def check_onnx(name: str, path: Path, reference, inputs: tuple, precision: str, providers=None) -> CheckResult:
     """Run the graph on `inputs` and compare with `reference(*inputs)` (a float32 module): with onnxruntime, or for
     an NVFP4 graph (no onnxruntime kernels) with onnx's reference evaluator.
@@ -200,8 +209,8 @@ def check_onnx(name: str, path: Path, reference, inputs: tuple, precision: str, 
     if precision == "bf16" and providers == ["CPUExecutionProvider"]:
         return CheckResult(name, precision, 0.0, 0.0, TOLERANCE[precision], providers[0],
                            "onnxruntime's CPU provider has no BF16 kernels")
-    if precision == "nvfp4":
-        got, runner = _run_reference_evaluator(path, inputs), "onnx reference evaluator"
+    if check_runner(precision) == REFERENCE_EVALUATOR:
+        got, runner = _run_reference_evaluator(path, inputs), REFERENCE_EVALUATOR
     else:
         got, runner = _run_onnxruntime(path, inputs, precision, providers), providers[0]
     with torch.no_grad(), strict_fp32():

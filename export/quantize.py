@@ -43,6 +43,9 @@ FORMATS = ("fp8", "nvfp4")
 FP8_E4M3_MAX = 448.0
 FP4_E2M1_MAX = 6.0
 NVFP4_BLOCK = 16  # values per FP8 block scale, along the input features
+# the bit layout ModelOpt's NVFP4 quantizer passes its op: 4-bit values with 2 exponent bits (E2M1), 8-bit
+# block scales with 4 (E4M3)
+NVFP4_OP_BITS = (4, 2, 8, 4)
 # ModelOpt's quantizer attributes for each format (its FP8_DEFAULT_CFG and NVFP4_DEFAULT_CFG)
 QUANTIZER = {
     "fp8": {"num_bits": (4, 3), "axis": None},
@@ -187,7 +190,7 @@ def _fp4_dynamic_qdq(x, block_size: int, amax, num_bits: int, exponent_bits: int
     from onnxscript import ir
     from onnxscript import opset23 as op
 
-    if (num_bits, exponent_bits, scale_num_bits, scale_exponent_bits) != (4, 2, 8, 4):
+    if (num_bits, exponent_bits, scale_num_bits, scale_exponent_bits) != NVFP4_OP_BITS:
         raise UserError(f"only NVFP4 block quantization is exported (got {num_bits}-bit values, {scale_num_bits}-bit "
                         "scales)")
     trt = _trt_opset()
@@ -228,7 +231,7 @@ def _nvfp4_on_cpu() -> None:
     from modelopt.torch.quantization.qtensor import NVFP4QTensor
 
     def kernel(inputs, block_size, amax, num_bits, exponent_bits, scale_num_bits, scale_exponent_bits):
-        if (num_bits, exponent_bits, scale_num_bits, scale_exponent_bits) != (4, 2, 8, 4):  # not NVFP4: ModelOpt's
+        if (num_bits, exponent_bits, scale_num_bits, scale_exponent_bits) != NVFP4_OP_BITS:  # not NVFP4: ModelOpt's
             return tensor_quant._dynamic_block_quantize_impl(inputs, block_size, amax, num_bits, exponent_bits,
                                                              scale_num_bits, scale_exponent_bits)
         global_scale = amax.float().amax() / (FP4_E2M1_MAX * FP8_E4M3_MAX)

@@ -10,6 +10,7 @@ import torch
 from .conftest import PROMPT, SIZE
 
 SKIP = "first:1,noise_refiner.*"  # the first main layer and both noise refiners stay fp16
+PER_BLOCK = 7  # layers quantized in each block: to_q, to_k, to_v, to_out.0, w1, w2, w3
 CALIBRATION_PROMPTS = [PROMPT, "a bowl of ramen"]
 
 
@@ -24,6 +25,13 @@ def export_quantized(tiny_model, tmp_path_factory, fmt: str):
                                                  fp16_scales={}, calibration_steps=3,
                                                  calibration_prompts=CALIBRATION_PROMPTS))
     return out
+
+
+def blocks_of(model) -> list[str]:
+    """The transformer's block names (noise refiners, context refiners, main layers) from the model's config."""
+    from zimage_trt.export.fp16 import block_names
+
+    return block_names(json.loads((model / "transformer" / "config.json").read_text()))
 
 
 def transformer_of(bundle) -> dict:

@@ -14,10 +14,8 @@ import torch
 from zimage_trt.errors import UserError
 from zimage_trt.export.onnx_export import TOLERANCE
 
-from .quantized import export_quantized, linear_model, transformer_of
+from .quantized import PER_BLOCK, blocks_of, export_quantized, linear_model, transformer_of
 from .test_user_errors import assert_one_line_error, run_cli
-
-PER_BLOCK = 7  # to_q, to_k, to_v, to_out.0, w1, w2, w3
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +24,9 @@ def nvfp4_bundle(tiny_model, tmp_path_factory):
 
 
 def test_nvfp4_bundle_records_its_recipe_and_is_checked_against_float32(nvfp4_bundle, tiny_model):
-    from zimage_trt.export.fp16 import block_names
-
     net = transformer_of(nvfp4_bundle)
     q = net["quantization"]
-    config = json.loads((tiny_model / "transformer" / "config.json").read_text())
-    blocks = block_names(config)
+    blocks = blocks_of(tiny_model)
     assert q["format"] == "nvfp4" and q["skip"] == ["noise_refiner.0", "noise_refiner.1", "layers.0"]
     # the tiny model's feed-forward w2 reads 682 features, not a multiple of the 16-value block: kept, and said so
     assert q["unblocked"] == [f"{b}.feed_forward.w2" for b in blocks]

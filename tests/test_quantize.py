@@ -14,10 +14,8 @@ from zimage_trt.errors import UserError
 from zimage_trt.export.onnx_export import TOLERANCE
 
 from .conftest import PROMPT, SIZE
-from .quantized import CALIBRATION_PROMPTS, export_quantized, linear_model, transformer_of
+from .quantized import CALIBRATION_PROMPTS, PER_BLOCK, blocks_of, export_quantized, linear_model, transformer_of
 from .test_user_errors import assert_one_line_error, run_cli
-
-QUANTIZED_PER_BLOCK = 7  # to_q, to_k, to_v, to_out.0, w1, w2, w3
 
 
 @pytest.fixture(scope="module")
@@ -26,15 +24,13 @@ def fp8_bundle(tiny_model, tmp_path_factory):
 
 
 def test_fp8_bundle_records_its_recipe_and_is_checked_against_float32(fp8_bundle, tiny_model):
-    from zimage_trt.export.fp16 import block_names
     from zimage_trt.export.quantize import prompts_sha256
 
     net = transformer_of(fp8_bundle)
     q = net["quantization"]
-    config = json.loads((tiny_model / "transformer" / "config.json").read_text())
-    blocks = block_names(config)
+    blocks = blocks_of(tiny_model)
     assert q["format"] == "fp8" and q["skip"] == ["noise_refiner.0", "noise_refiner.1", "layers.0"]
-    assert q["quantized_layers"] == (len(blocks) - 3) * QUANTIZED_PER_BLOCK
+    assert q["quantized_layers"] == (len(blocks) - 3) * PER_BLOCK
     assert q["prompts_sha256"] == prompts_sha256(CALIBRATION_PROMPTS) and q["steps"] == 3
     assert "weights" not in net  # no run-time LoRA on calibrated FP8 weights
     manifest = json.loads((fp8_bundle / "manifest.json").read_text())
@@ -52,7 +48,7 @@ def test_graph_holds_standard_fp8_qdq_on_the_quantized_layers_only(fp8_bundle):
     dq = [n for n in graph.node if n.op_type == "DequantizeLinear"]
     q = [n for n in graph.node if n.op_type == "QuantizeLinear"]
     layers = transformer_of(fp8_bundle)["quantization"]["quantized_layers"]
-    blocks = layers // QUANTIZED_PER_BLOCK
+    blocks = layers // PER_BLOCK
     # per block: 7 weights, and 4 inputs (to_q, to_k, to_v read one tensor with one scale, and so do w1 and w3:
     # the exporter keeps one Q/DQ for each); a weight's Q may be folded into FP8 data, its DQ stays
     assert len(dq) == blocks * (7 + 4)
