@@ -25,8 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zimage_trt.errors import UserError
-from zimage_trt.files import TargetLock, check_space, os_error_line, remove_debris, temp_path, writing
+from zimage_trt.common.errors import UserError
+from zimage_trt.common.files import TargetLock, check_space, os_error_line, remove_debris, temp_path, writing
 from zimage_trt.runtime.bundle import NETWORKS, Bundle
 from zimage_trt.runtime.sizes import SizeRange, format_size
 

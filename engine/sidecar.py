@@ -22,8 +22,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from zimage_trt.errors import UserError
-from zimage_trt.files import write_atomic
+from zimage_trt.common.errors import UserError
+from zimage_trt.common.files import write_atomic
 from zimage_trt.runtime.sizes import SizeRange, format_size
 
 SIDECAR_FORMAT = "zimage-trt-engine"

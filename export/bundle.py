@@ -18,7 +18,6 @@ checkpoint's headers and compared with the free space.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import shutil
@@ -27,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from zimage_trt.errors import UserError
-from zimage_trt.files import TargetLock, check_space, os_error_line, remove_debris, temp_path
-from zimage_trt.peaks import StagePeaks
+from zimage_trt.common.errors import UserError
+from zimage_trt.common.files import TargetLock, check_space, os_error_line, remove_debris, sha256_of, temp_path
+from zimage_trt.common.peaks import StagePeaks, release_memory
 from zimage_trt.runtime.sizes import LATENT_FACTOR, SIDE_MULTIPLE, SizeRange, check_side, format_size
 
 from . import checkpoint
@@ -111,15 +110,6 @@ def validate_options(opts: ExportOptions) -> None:
         raise UserError(f"--device {opts.device} was asked for but PyTorch sees no CUDA GPU")
     if opts.max_gpu_memory is not None and not opts.device.startswith("cuda"):
         raise UserError("--max-gpu-memory caps an export on the GPU; add --device cuda (a CPU export uses no GPU)")
-
-
-def sha256_of(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def onnx_files(path: Path) -> list[Path]:
@@ -208,8 +198,6 @@ class _Exporter:
     def free(self) -> None:
         """Between networks: the libraries' modules hold reference cycles (offload hooks, traced graphs), so
         collect them now, and give the GPU's cached blocks back, so the next network starts from zero."""
-        from zimage_trt.sessions import release_memory
-
         release_memory(self.device)
 
     def randn(self, *shape) -> torch.Tensor:

@@ -90,7 +90,7 @@ def calibrate(model_dir, prompts: list[str], height: int, width: int, steps: int
     """The peaks of `measure_peaks`, one network on the GPU at a time (see the module docstring); `loras`
     (read LoRAs, export/lora.py SourceLora) are baked into the transformer first, so the peaks are those of what is
     exported. `features`: the prompts' caption features if already computed (`caption_features`)."""
-    from zimage_trt.sessions import release_memory
+    from zimage_trt.common.peaks import release_memory
 
     from . import checkpoint
 

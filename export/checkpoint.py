@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from zimage_trt.errors import UserError
+from zimage_trt.common.errors import UserError
 
 # model_index.json of the real checkpoint: component -> (library, class).
 COMPONENT_CLASSES = {

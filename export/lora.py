@@ -19,11 +19,10 @@ from pathlib import Path
 
 import torch
 
-from zimage_trt.errors import UserError
-from zimage_trt.files import write_atomic, writing
+from zimage_trt.common.errors import UserError
+from zimage_trt.common.files import sha256_of, write_atomic, writing
 from zimage_trt.runtime.lora import LORA_FORMAT, LORA_VERSION, bundle_weights, metadata_json
 
-from .bundle import sha256_of
 from .checkpoint import check_safetensors
 
 _PAIR = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zimage_trt.errors import UserError
+from zimage_trt.common.errors import UserError
 
 DEFAULT_OPSET = 23
 # FP8 (E4M3, 3 mantissa bits) against float32: set from measurement, see quantize.py and BENCHMARKS.md

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from zimage_trt.errors import UserError
+from zimage_trt.common.errors import UserError
 
 FORMATS = ("fp8", "nvfp4")
 FP8_E4M3_MAX = 448.0

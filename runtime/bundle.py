@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from zimage_trt.errors import UserError
+from zimage_trt.common.errors import UserError
 
 from .sizes import SizeRange, latent_shape
 

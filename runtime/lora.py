@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from zimage_trt.errors import UserError
+from zimage_trt.common.errors import UserError
 
 LORA_FORMAT = "zimage-trt-lora"
 LORA_VERSION = "1"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from zimage_trt.errors import UserError, require
+from zimage_trt.common.errors import UserError, require
 
 from .lora import graph_weight_key, read_initializers
 from .session import check_io

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zimage_trt.errors import UserError
-from zimage_trt.files import write_atomic, writing
+from zimage_trt.common.errors import UserError
+from zimage_trt.common.files import write_atomic, writing
 
 from .bundle import Bundle
 from .scheduler import Schedule, flow_match_schedule

@@ -19,7 +19,7 @@ import threading
 import weakref
 from pathlib import Path
 
-from zimage_trt.files import os_error_line, write_atomic
+from zimage_trt.common.files import os_error_line, write_atomic
 
 log = logging.getLogger("zimage_trt")
 

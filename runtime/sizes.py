@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from zimage_trt.errors import UserError
+from zimage_trt.common.errors import UserError
 
 SIDE_MULTIPLE = 16  # pixels per image token side: VAE factor 8 x patch 2
 LATENT_FACTOR = 8  # pixels per latent pixel

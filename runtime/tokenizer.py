@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from zimage_trt.errors import UserError
+from zimage_trt.common.errors import UserError
 
 
 def _template_environment():

@@ -21,7 +21,7 @@ import torch
 
 from zimage_trt.engine import sidecar
 from zimage_trt.engine.trt_api import RTX_UNSUPPORTED_CC, gpu_info, load_flavour
-from zimage_trt.errors import UserError
+from zimage_trt.common.errors import UserError
 
 from .bundle import NETWORKS, Bundle
 from .lora import graph_weight_key, read_initializers

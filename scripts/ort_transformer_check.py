@@ -39,7 +39,7 @@ def main() -> None:
     from zimage_trt.export.modules import DiffusersDiT
     from zimage_trt.export.onnx_export import pair_errors
     from zimage_trt.export.reference import float32_reference, one_pass_inputs, reference_modules
-    from zimage_trt.sessions import release_memory
+    from zimage_trt.common.peaks import release_memory
 
     bundle = Path(args.bundle)
     manifest = json.loads((bundle / "manifest.json").read_text())

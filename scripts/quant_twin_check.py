@@ -41,7 +41,7 @@ def main() -> None:
     from zimage_trt.export.onnx_export import pair_errors
     from zimage_trt.export.quantize import QuantRecipe, parse_skip, prompts_sha256, quantize
     from zimage_trt.export.reference import float32_reference, one_pass_inputs, reference_modules
-    from zimage_trt.sessions import release_memory
+    from zimage_trt.common.peaks import release_memory
 
     width, height = map(int, args.size.lower().split("x"))
     device = torch.device(args.device)

@@ -15,7 +15,7 @@ import torch
 from zimage_trt.engine import sidecar
 from zimage_trt.engine.build import BuildOptions, build_engines, check_host_memory, resolve_targets
 from zimage_trt.engine.trt_api import load_flavour
-from zimage_trt.errors import UserError
+from zimage_trt.common.errors import UserError
 from zimage_trt.runtime.bundle import Bundle
 from zimage_trt.runtime.sizes import SizeRange
 from zimage_trt.runtime.trt_session import open_engine_sessions

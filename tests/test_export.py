@@ -189,7 +189,7 @@ def test_a_written_graph_gives_its_weights_back(tmp_path):
     import onnxruntime as ort
 
     from zimage_trt.export.onnx_export import export_onnx, release_weights
-    from zimage_trt.peaks import host_now_bytes
+    from zimage_trt.common.peaks import host_now_bytes
 
     def export(n: int, name: str):
         module, x = _Wide(n), torch.randn(1, 3, n, generator=torch.Generator().manual_seed(n))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zimage_trt.errors import UserError
+from zimage_trt.common.errors import UserError
 from zimage_trt.parity import IMAGE_BOUND_DB, psnr, reference_images
 from zimage_trt.runtime.bundle import Bundle
 from zimage_trt.runtime.pipeline import Guidance, ZImageRuntime

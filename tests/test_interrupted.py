@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from zimage_trt.cli import main
-from zimage_trt.errors import UserError
-from zimage_trt.files import TargetLock, remove_debris
+from zimage_trt.common.errors import UserError
+from zimage_trt.common.files import TargetLock, remove_debris
 
 from .conftest import SIZE
 from .test_user_errors import assert_one_line_error, run_cli
@@ -264,7 +264,7 @@ def test_make_tiny_into_a_read_only_file_system_is_one_line(capsys, tmp_path):
 
 
 def test_an_os_error_names_the_file_the_user_knows_and_tells_reading_from_writing(tmp_path):
-    from zimage_trt.files import os_error_line
+    from zimage_trt.common.files import os_error_line
 
     out = tmp_path / "b"
     in_partial = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".b.partial-7" / "t.onnx"))

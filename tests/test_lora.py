@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from zimage_trt.cli import main
-from zimage_trt.errors import UserError
+from zimage_trt.common.errors import UserError
 from zimage_trt.parity import IMAGE_BOUND_DB, psnr, run_parity
 from zimage_trt.runtime.bundle import Bundle
 from zimage_trt.runtime.lora import load_lora
@@ -120,7 +120,7 @@ def test_parity_command_with_a_stack(capsys, tiny_model, fp32_bundle, converted)
 
 def test_a_baked_lora_is_the_runtime_lora(tiny_model, fp32_bundle, originals, converted, tmp_path):
     from zimage_trt.export.bundle import ExportOptions, export_bundle
-    from zimage_trt.export.bundle import sha256_of
+    from zimage_trt.common.files import sha256_of
 
     out = tmp_path / "baked"
     opts = ExportOptions(height=SIZE, width=SIZE, precision=dict(ALL_FP32), check="never",

@@ -11,7 +11,7 @@ import onnx
 import pytest
 import torch
 
-from zimage_trt.errors import UserError
+from zimage_trt.common.errors import UserError
 from zimage_trt.export.onnx_export import TOLERANCE
 
 from .quantized import PER_BLOCK, blocks_of, export_quantized, linear_model, transformer_of

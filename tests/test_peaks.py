@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from zimage_trt.peaks import StagePeaks, host_now_bytes, host_peak_bytes
+from zimage_trt.common.peaks import StagePeaks, host_now_bytes, host_peak_bytes
 
 
 def _hold(n_bytes: int) -> None:

@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from zimage_trt.errors import UserError
+from zimage_trt.common.errors import UserError
 from zimage_trt.export.onnx_export import TOLERANCE
 
 from .conftest import PROMPT, SIZE

@@ -65,7 +65,7 @@ def test_bad_input_through_ray_is_still_a_400(ray_app):
 
 
 def test_autoscale_option_is_parsed():
-    from zimage_trt.errors import UserError
+    from zimage_trt.common.errors import UserError
     from zimage_trt.ray_serve import parse_autoscale
 
     assert parse_autoscale("1:4") == (1, 4)

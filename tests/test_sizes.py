@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from zimage_trt.errors import UserError
+from zimage_trt.common.errors import UserError
 from zimage_trt.parity import IMAGE_BOUND_DB, NETWORK_BOUND, run_parity
 from zimage_trt.runtime.bundle import Bundle
 from zimage_trt.runtime.pipeline import ZImageRuntime

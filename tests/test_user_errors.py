@@ -90,7 +90,7 @@ def test_bad_export_options(capsys, tiny_model, tmp_path, extra, needle):
 
 
 def test_vae_fp16_is_refused(capsys, tiny_model, tmp_path):
-    from zimage_trt.errors import UserError
+    from zimage_trt.common.errors import UserError
     from zimage_trt.export.bundle import ExportOptions, export_bundle
 
     with pytest.raises(UserError, match="overflows in fp16"):

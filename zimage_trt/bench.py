@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from zimage_trt.errors import UserError
+from zimage_trt.common.errors import UserError
 from zimage_trt.runtime.timing import Clock
-from zimage_trt.sessions import release_memory
+from zimage_trt.common.peaks import release_memory
 
 STAGES = ("text encoder", "transformer x1", "all passes", "VAE decode", "end to end", "runtime overhead")
 BARS = {"text encoder": 5.0, "VAE decode": 40.0}  # ms, the project's bar on an H100/H200-class GPU
@@ -413,7 +413,7 @@ def format_table(results: dict) -> str:
 
 
 def save(results: dict, path) -> None:
-    from zimage_trt.files import write_atomic, writing
+    from zimage_trt.common.files import write_atomic, writing
 
     with writing(path, "pass another --json"):
         write_atomic(path, (json.dumps(results, indent=2) + "\n").encode())

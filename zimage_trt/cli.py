@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from zimage_trt.errors import UserError
+from zimage_trt.common.errors import UserError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -122,7 +122,7 @@ def _measured_peaks(device: str) -> str:
     """This process's measured peaks: host max RSS, and PyTorch's allocator on a GPU."""
     import torch
 
-    from zimage_trt.peaks import host_peak_bytes
+    from zimage_trt.common.peaks import host_peak_bytes
 
     host = host_peak_bytes()
     gpu = (f", GPU {torch.cuda.max_memory_reserved(torch.device(device)) / 1e9:.1f} GB (PyTorch's allocator)"
@@ -701,7 +701,7 @@ def main(argv=None) -> int:
     except OSError as exc:
         # The commands name the file and the fix where they write; this is the net for any other file error
         # (a full disk, a read-only or unreadable folder): one line, never a traceback.
-        from zimage_trt.files import os_error_line
+        from zimage_trt.common.files import os_error_line
 
         print(f"error: {os_error_line(exc)}", file=sys.stderr)
         return 2

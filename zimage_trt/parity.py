@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zimage_trt.sessions import release_memory
+from zimage_trt.common.peaks import release_memory
 
 # max|err| / max|ref| per network precision (reference: float32 eager modules).
 # nvfp4 (TensorRT on Blackwell only: no backend here runs it): the tiny model's fake-quantized twin measured 7.2e-2
@@ -142,8 +142,8 @@ def run_parity(
 
 def lora_sources(loras) -> list[tuple[str, float]]:
     """The original files of converted LoRAs (diffusers' reference loads those), checked by their hash."""
-    from zimage_trt.errors import UserError
-    from zimage_trt.export.bundle import sha256_of
+    from zimage_trt.common.errors import UserError
+    from zimage_trt.common.files import sha256_of
 
     out = []
     for lora, strength in loras:
@@ -261,7 +261,7 @@ def run_against(bundle, sessions, other, other_sessions, backend, prompt, seed, 
     output; the images of both runtimes for the prompt and seed are compared as PSNR. A row's precision reads
     "ours vs theirs"; its bound is the looser of the two precisions' bounds against float32.
     """
-    from zimage_trt.errors import UserError
+    from zimage_trt.common.errors import UserError
     from zimage_trt.runtime.pipeline import ZImageRuntime
 
     if bundle.manifest.get("config") != other.manifest.get("config"):

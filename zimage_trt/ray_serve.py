@@ -11,7 +11,7 @@ Ray's router spreads requests over replicas; past `max_queued_requests` it answe
 
 from __future__ import annotations
 
-from zimage_trt.errors import UserError, require
+from zimage_trt.common.errors import UserError, require
 
 from .server import ServeOptions, create_app
 

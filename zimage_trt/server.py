@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from zimage_trt.errors import UserError
+from zimage_trt.common.errors import UserError
 
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 30.0  # far beyond any useful scale; a larger one is a client's mistake

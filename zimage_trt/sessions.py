@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from zimage_trt.errors import UserError
+from zimage_trt.common.errors import UserError
 from zimage_trt.runtime.bundle import NETWORKS, Bundle
 
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
@@ -31,15 +31,6 @@ def resolve_device(device: str) -> torch.device:
         n = torch.cuda.device_count()
         raise UserError(f"--device {device}: this machine has {n} CUDA GPU{'s' if n > 1 else ''} (cuda:0..cuda:{n - 1})")
     return dev
-
-
-def release_memory(device: torch.device) -> None:
-    """Collect dropped modules and hand PyTorch's cached GPU memory back, before the next thing is loaded."""
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def open_sessions(

@@ -82,3 +82,14 @@ class StagePeaks:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+
+
+def release_memory(device) -> None:
+    """Collect dropped modules and hand PyTorch's cached GPU memory back, before the next thing is loaded."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()

@@ -18,13 +18,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import re
 import secrets
 import shutil
 from pathlib import Path
 
-from zimage_trt.errors import UserError
+from zimage_trt.common.errors import UserError
 
 _DEBRIS = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|tmp|old)-(?P<pid>\d+)(?:-[0-9a-f]+)?$")
 SPACE_MARGIN = 1.05  # estimates are of the weights; graphs, headers and sidecars add a little
@@ -208,3 +209,13 @@ class TargetLock:
         os.close(self.fd)
         self.fd = None
         return False
+
+
+def sha256_of(paths: list[Path]) -> str:
+    """One SHA-256 over these files' bytes in order (a bundle's graph and its weights, a LoRA file)."""
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
