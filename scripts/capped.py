@@ -14,7 +14,8 @@ import torch
 
 
 def main() -> int:
-    from zimage_trt.cli import main as cli, parse_bytes
+    from zimage_trt.cli import main as cli
+    from zimage_trt.cli_args import parse_bytes
 
     if len(sys.argv) < 3:
         print(__doc__)

@@ -193,7 +193,7 @@ def test_a_device_that_is_not_here_is_one_line(capsys, fp32_bundle, tmp_path, de
 
 
 def test_sizes_parse_in_binary_and_decimal_units():
-    from zimage_trt.cli import parse_bytes
+    from zimage_trt.cli_args import parse_bytes
 
     assert parse_bytes("22GiB", "x") == 22 * 2**30 and parse_bytes("20GB", "x") == 20 * 10**9
     assert parse_bytes("22", "x") == 22 * 2**30 and parse_bytes("512MiB", "x") == 512 * 2**20
