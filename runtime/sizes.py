@@ -17,6 +17,7 @@ from zimage_trt.common.errors import UserError
 
 SIDE_MULTIPLE = 16  # pixels per image token side: VAE factor 8 x patch 2
 LATENT_FACTOR = 8  # pixels per latent pixel
+DEFAULT_OPT_SIDE = 1024  # Z-Image-Turbo's native size: what engines are tuned for unless told otherwise
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 
 
@@ -54,8 +55,9 @@ class SizeRange:
         return cls(height, height, width, width, height, width)
 
     @classmethod
-    def square_range(cls, spec: str, opt: tuple[int, int]) -> "SizeRange":
-        """`--size-range MIN:MAX` (both sides in [MIN, MAX]) with the opt size (width, height)."""
+    def square_range(cls, spec: str, opt: tuple[int, int] | None = None) -> "SizeRange":
+        """`--size-range MIN:MAX` (both sides in [MIN, MAX]) with the opt size (width, height); without one,
+        1024x1024 where the range holds it, else the square size nearest to it inside the range."""
         parts = str(spec).split(":")
         try:
             lo, hi = (int(p) for p in parts)
@@ -65,6 +67,9 @@ class SizeRange:
         check_side(hi, "--size-range maximum")
         if lo > hi:
             raise UserError(f"--size-range {spec!r}: the minimum is larger than the maximum")
+        if opt is None:
+            side = min(max(DEFAULT_OPT_SIDE, lo), hi)  # lo and hi are on the grid, so the nearest side is too
+            opt = (side, side)
         rng = cls(lo, hi, lo, hi, opt[1], opt[0])
         if not rng.covers(*opt):
             raise UserError(f"--opt-size {format_size(*opt)} is outside --size-range {spec} ({rng.describe()})")

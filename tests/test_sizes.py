@@ -58,6 +58,20 @@ def test_bad_ranges_are_one_line(spec, opt, needle):
         SizeRange.square_range(spec, opt)
 
 
+@pytest.mark.parametrize(
+    "spec, opt",
+    [("512:2048", (1024, 1024)), ("256:768", (768, 768)), ("1280:2048", (1280, 1280)), ("1024:1024", (1024, 1024))],
+)
+def test_the_default_opt_size_is_1024_or_the_nearest_size_in_the_range(spec, opt):
+    from zimage_trt.cli import build_parser
+    from zimage_trt.cli_export import _export_sizes
+
+    assert SizeRange.square_range(spec).opt == opt
+    # what `export --size-range SPEC` without --opt-size makes of it (was: "--opt-size 1024x1024 is outside ...")
+    args = build_parser().parse_args(["export", "--model", "m", "--out", "o", "--size-range", spec])
+    assert _export_sizes(args).opt == opt
+
+
 def test_the_box_around_sizes_and_intersections():
     box = SizeRange.covering([(1536, 1024), (1024, 1536)], opt=(1024, 1024))
     assert (box.min_width, box.max_width, box.min_height, box.max_height) == (1024, 1536, 1024, 1536)

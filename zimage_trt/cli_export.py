@@ -76,7 +76,8 @@ def _export_sizes(args):
         return None
     if args.height is not None or args.width is not None:
         raise UserError("--size-range and --width/--height exclude each other: a range, or one size")
-    return SizeRange.square_range(args.size_range, parse_size(args.opt_size or "1024x1024", "--opt-size"))
+    opt = parse_size(args.opt_size, "--opt-size") if args.opt_size else None
+    return SizeRange.square_range(args.size_range, opt)
 
 
 def _lora_source(text: str) -> tuple[str, float]:
@@ -188,7 +189,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--size-range", metavar="MIN:MAX",
                    help="one bundle for every WIDTHxHEIGHT with sides multiples of 16 in [MIN, MAX], e.g. 512:2048")
     p.add_argument("--opt-size", metavar="WxH", help="with --size-range: the size engines are tuned for and the "
-                   "default size of generate and serve (default 1024x1024)")
+                   "default size of generate and serve (default 1024x1024 if the range holds it, else the square size "
+                   "nearest to it inside the range)")
     p.add_argument("--height", type=int, help="one-size bundle: image height in pixels, multiple of 16 (default 1024;"
                    " the fastest choice when you serve one size)")
     p.add_argument("--width", type=int, help="one-size bundle: image width in pixels, multiple of 16 (default 1024)")
