@@ -35,7 +35,7 @@ def main() -> None:
     import onnxruntime as ort
 
     from zimage_trt.export import checkpoint
-    from zimage_trt.export.bundle import DTYPES
+    from zimage_trt.export.options import DTYPES
     from zimage_trt.export.modules import DiffusersDiT
     from zimage_trt.export.onnx_export import pair_errors
     from zimage_trt.export.reference import float32_reference, one_pass_inputs, reference_modules

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from zimage_trt.engine import sidecar
-from zimage_trt.engine.build import BuildOptions, build_engines, check_host_memory, resolve_targets
+from zimage_trt.engine.build import BuildOptions, build_engines
+from zimage_trt.engine.checks import check_host_memory, resolve_targets
 from zimage_trt.engine.trt_api import load_flavour
 from zimage_trt.common.errors import UserError
 from zimage_trt.runtime.bundle import Bundle
@@ -368,7 +369,7 @@ def test_a_crash_before_the_sidecar_is_written_leaves_no_sidecar_of_another_engi
 def test_a_refittable_rtx_build_is_refused_where_it_cannot_succeed(capsys, fp32_bundle, tmp_path):
     """Measured with TensorRT-RTX 1.7.1: a refittable build fails without CUDA, and on an H200 for sm89/sm120; so
     it is refused before building, in one line, unless this host's GPU is the one target."""
-    from zimage_trt.engine.build import check_rtx_refit_host
+    from zimage_trt.engine.checks import check_rtx_refit_host
 
     from .test_user_errors import assert_one_line_error, run_cli
 

@@ -144,7 +144,8 @@ def test_offloaded_float32_reference_computes_what_the_resident_one_does(tiny_mo
 def test_export_states_its_memory_needs_from_the_checkpoint_headers(tiny_model, fp16_bundle):
     """What `export` says it needs comes from the safetensors headers alone; the weights it counts are exactly
     those the loaded networks hold, and the manifest records the measured peaks of every stage."""
-    from zimage_trt.export.bundle import GPU_MARGIN, HOST_MARGIN, NVFP4_REWRITE_BYTES, ExportOptions, export_needs
+    from zimage_trt.export.bundle import ExportOptions
+    from zimage_trt.export.needs import GPU_MARGIN, HOST_MARGIN, NVFP4_REWRITE_BYTES, export_needs
 
     dit = sum(p.numel() for p in checkpoint.load_transformer(tiny_model).parameters())
     shard = max(f.stat().st_size for f in (tiny_model / "transformer").glob("*.safetensors"))
