@@ -4,6 +4,12 @@
 and RTX GPUs; builds ahead of time for chosen compute capabilities, even without a GPU) share the network,
 parser, builder and runtime API this project uses. What differs is small and lives here: which module to import,
 how the build targets a GPU, and which flavour has a timing cache (TensorRT) or a runtime cache (TensorRT-RTX).
+
+What only TensorRT-RTX has at run time (its 1.7.1 classes, introspected; TensorRT 10.15-11.1's pyCore.cpp has none
+of these, so the runtime asks for them by name, never by version): `IExecutionContext.is_stream_capturable`
+(since RTX 1.2), a runtime configuration with a kernel cache (`IRuntimeConfig.create_runtime_cache`,
+`set_runtime_cache`; TensorRT's IRuntimeConfig sets only the allocation strategy), and deferred weight loading
+(`Runtime.defer_weights_loading`, `ICudaEngine.load_weights` / `unload_weights` / `weights_loaded`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ MIN_VERSION = {"tensorrt": (10, 15)}
 FUSED_OPSET = 23  # the opset from which the exporter writes those two ops; below it they are plain ops
 # TensorRT-RTX targets GeForce/RTX architectures; the datacenter Hopper and Blackwell parts are TensorRT's.
 RTX_UNSUPPORTED_CC = {(9, 0), (10, 0), (10, 3)}
+_LOGGERS: dict = {}  # (module id, verbose) -> the one Logger of that flavour and level
 
 
 @dataclass(frozen=True)
@@ -38,8 +45,13 @@ class Flavour:
         return self.name == "tensorrt-rtx"
 
     def logger(self, verbose: bool = False):
-        level = self.trt.Logger.INFO if verbose else self.trt.Logger.ERROR
-        return self.trt.Logger(level)
+        """The flavour's one logger per level: TensorRT keeps the first ILogger it is given for the process and
+        warns when a Runtime, Builder or Refitter brings another, so every one of them shares this instance."""
+        key = (id(self.trt), verbose)
+        if key not in _LOGGERS:
+            level = self.trt.Logger.INFO if verbose else self.trt.Logger.ERROR
+            _LOGGERS[key] = self.trt.Logger(level)
+        return _LOGGERS[key]
 
     def network_flags(self) -> int:
         # Strongly typed: the ONNX types decide every tensor's precision. TensorRT 11 makes it the only mode and

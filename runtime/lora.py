@@ -126,25 +126,42 @@ def graph_weight_key(name: str, entry: dict) -> tuple[str, bool, float]:
     return entry["initializer"], entry["transposed"], entry["divisor"]
 
 
-def patched_weights(session, weights: dict, stack: list[tuple[Lora, float]], device):
-    """(key, W + sum_k s_k * up_k @ down_k) for each weight the stack changes, in the session's own layout and
-    names (`session.weight_key`: its key, whether it stores W^T, and the FP16 rescale folded into it), computed in
-    float32 on `device` and rounded once to W's precision. A generator, one weight at a time: a full-size stack
-    never holds more than one float32 delta."""
-    names = sorted({name for lora, _ in stack for name in lora.pairs})
-    keys = {name: session.weight_key(name, weights[name]) for name in names}
-    base = session.base_weights([k for k, _, _ in keys.values()])  # references, or host copies read once
-    for name in names:
+class PatchedWeights:
+    """W + sum_k s_k * up_k @ down_k for each weight the stack changes, in the session's own layout and names
+    (`session.weight_key`: its key, whether it stores W^T, and the FP16 rescale folded into it), computed in float32
+    on `device` and rounded once to W's precision, one weight at a time: a full-size stack never holds more than one
+    float32 delta. Iterating gives the (key, value) pairs every session's `set_weights` takes; `keys` lists them
+    first and `value(key)` computes one on demand (a TensorRT refit needs a fused partner's value out of order)."""
+
+    def __init__(self, session, weights: dict, stack: list[tuple[Lora, float]], device):
+        names = sorted({name for lora, _ in stack for name in lora.pairs})
+        self._stack, self._device = stack, device
+        self._entry = {}  # session key -> (bundle weight name, transposed, divisor)
+        for name in names:
+            key, transposed, divisor = session.weight_key(name, weights[name])
+            self._entry[key] = (name, transposed, divisor)
+        self.keys = list(self._entry)
+        self._base = session.base_weights(self.keys)  # references, or host copies read once
+
+    def value(self, key: str) -> torch.Tensor:
+        name, transposed, divisor = self._entry[key]
         delta = None
-        for lora, strength in stack:
+        for lora, strength in self._stack:
             if name in lora.pairs:
                 up, down = lora.pairs[name]
-                d = (up.to(device) * strength) @ down.to(device)
+                d = (up.to(self._device) * strength) @ down.to(self._device)
                 delta = d if delta is None else delta + d
-        key, transposed, divisor = keys[name]
-        w = base[key].to(device)
+        w = self._base[key].to(self._device)
         delta = delta / divisor
-        yield key, (w.float() + (delta.T if transposed else delta)).to(w.dtype).contiguous()
+        return (w.float() + (delta.T if transposed else delta)).to(w.dtype).contiguous()
+
+    def __iter__(self):
+        return ((key, self.value(key)) for key in self.keys)
+
+
+def patched_weights(session, weights: dict, stack: list[tuple[Lora, float]], device) -> PatchedWeights:
+    """The new values of the weights this stack changes, for `session.set_weights` (see PatchedWeights)."""
+    return PatchedWeights(session, weights, stack, device)
 
 
 def read_initializers(onnx_path: Path, names) -> dict[str, torch.Tensor]:

@@ -3,8 +3,11 @@
     weights      per network: a torch module's parameters and buffers, an engine's plan size (its weights and
                  kernels; with weight streaming, at most its budget), nothing for onnxruntime on the CPU
     buffers      the runtime's own tensors (captions, latents, velocity, image), allocated once
-    activations  TensorRT: the shared execution block the engines report (exact); eager PyTorch: not predicted
-                 (the allocator's measured peak is printed after the run instead)
+    activations  TensorRT: the shared execution block the engines report (exact), plus the block each context of a
+                 weight-streamed engine allocates itself (device_memory_size_v2, which covers the streaming scratch
+                 per NvInferRuntime.h; one context, as such an engine is never recorded): then "at least", since
+                 what TensorRT allocates for streaming is UNVERIFIED here; eager PyTorch: not predicted (the
+                 allocator's measured peak is printed after the run instead)
 
     all          text encoder + transformer + VAE + buffers + activations
     sequential   max(text encoder, transformer + VAE) + buffers + activations
@@ -37,12 +40,14 @@ def vram_plan(rt) -> dict:
     buffers = sum(t.numel() * t.element_size() for t in (
         rt.ids, rt.caption, rt.cap_len, rt.timestep, rt._latents_store, rt._velocity_store, rt._image_store))
     block = getattr(rt.transformer, "shared_memory", None)
-    activations = block.numel() if isinstance(block, torch.Tensor) else None
+    own = sum(getattr(s, "own_device_memory", 0) for s in rt.sessions.values())  # weight-streamed engines
+    activations = block.numel() + own if isinstance(block, torch.Tensor) else None
     base = buffers + (activations or 0)
     return {
         "weights": w,
         "buffers": buffers,
         "activations": activations,
+        "activations_exact": not own,
         "all": w["text_encoder"] + w["transformer"] + w["vae_decoder"] + base,
         "sequential": max(w["text_encoder"], w["transformer"] + w["vae_decoder"]) + base,
     }
@@ -56,7 +61,10 @@ def describe(plan: dict, mode: str) -> str:
     w = plan["weights"]
     acts = (f" + engine activations {gb(plan['activations'])}" if plan["activations"] is not None
             else " + activations (eager PyTorch: measured after the run)")
-    modes = ", ".join(f"{m} {gb(plan[m])}{' (this run)' if m == mode else ''}" for m in VRAM_MODES)
+    if not plan.get("activations_exact", True):
+        acts = acts.replace("activations", "activations at least", 1) + " (weight streaming: TensorRT's own blocks)"
+    at_least = "" if plan.get("activations_exact", True) else "at least "
+    modes = ", ".join(f"{m} {at_least}{gb(plan[m])}{' (this run)' if m == mode else ''}" for m in VRAM_MODES)
     return (f"predicted peak VRAM: {modes}; parts: text encoder {gb(w['text_encoder'])} + transformer "
             f"{gb(w['transformer'])} + VAE {gb(w['vae_decoder'])} + buffers {gb(plan['buffers'])}{acts}")
 

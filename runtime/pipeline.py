@@ -339,6 +339,10 @@ class ZImageRuntime:
         while len(self._graphs) >= self.max_cuda_graphs:
             self._evict_oldest_graph()
         feeds = self.feeds(lpad)
+        # An engine gives recorded shapes a context each (others share one); they go with the last graph using them.
+        shapes = [self._feed_shapes(self.size, n) for n in ([lpad, cfg.neg_lpad] if cfg is not None else [lpad])]
+        for s in shapes:
+            getattr(self.transformer, "record_shapes", lambda _: None)(s)
         # One eager pass first: engines and kernels initialise lazily, and that must not land in the graph
         # (TensorRT: run once after a shape change before capturing, NVIDIA/TensorRT#3011).
         self.transformer.run(feeds, {"velocity": self.velocity})
@@ -346,8 +350,15 @@ class ZImageRuntime:
             self.transformer.run(self.feeds(cfg.neg_lpad, negative=True), {"velocity": self.neg_velocity})
         torch.cuda.synchronize(self.device)
         capturable = getattr(self.transformer, "stream_capturable", None)
-        if capturable is not None and not capturable(feeds, self.stream):
-            self._stop_recording("the engine says this stream cannot be captured (is_stream_capturable)")
+        try:  # deciding may fail too (a library without the query, a driver error): that is a refusal as well
+            refused = capturable is not None and not capturable(feeds, self.stream)
+            why = "the engine says this stream cannot be captured (is_stream_capturable)"
+        except Exception as exc:  # noqa: BLE001 - nothing was captured; the loop runs eagerly
+            refused, why = True, f"could not ask whether the stream can be captured ({type(exc).__name__}: {exc})"
+        if refused:
+            self._stop_recording(why)
+            for s in shapes:
+                getattr(self.transformer, "release_shapes", lambda _: None)(s)
             return None
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
@@ -362,6 +373,8 @@ class ZImageRuntime:
         except Exception as exc:  # noqa: BLE001 - the capture has ended; nothing it recorded has run
             graph.reset()
             self._stop_recording(f"CUDA graph capture failed ({type(exc).__name__}: {exc})")
+            for s in shapes:
+                getattr(self.transformer, "release_shapes", lambda _: None)(s)
             return None
         self._graphs[key] = graph
         return graph
@@ -428,10 +441,19 @@ class ZImageRuntime:
             raise UserError(f"the {type(self.transformer).__name__} backend cannot change weights at run time")
         weights = bundle_weights(self.bundle) if stack else {}
         self._make_resident("image")
-        with self.on_stream():
-            self.transformer.set_weights(patched_weights(self.transformer, weights, stack, self.device))
-        if not getattr(self.transformer, "weights_in_place", False):
-            self._drop_graphs()  # a refit or a rebuilt session may move weights: the recorded loops must go
+        try:
+            with self.on_stream():
+                self.transformer.set_weights(patched_weights(self.transformer, weights, stack, self.device))
+        except Exception:
+            # A switch that failed part way must not leave a mix of two stacks: back to the base, then the error.
+            # (A TensorRT refit has restored its base already; this then changes nothing.)
+            self.loras = []
+            with self.on_stream():
+                self.transformer.set_weights(patched_weights(self.transformer, {}, [], self.device))
+            raise
+        finally:
+            if not getattr(self.transformer, "weights_in_place", False):
+                self._drop_graphs()  # a refit or a rebuilt session may move weights: the recorded loops must go
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.loras = list(stack)
