@@ -70,6 +70,16 @@ class BuildResult:
     meta: dict
 
 
+def set_compute_capabilities(config, cc_values: list) -> None:
+    """TensorRT-RTX: the targets of this build; a target the library refuses (its setter returns False) is one line
+    naming it, never a build for fewer GPUs than asked."""
+    config.num_compute_capabilities = len(cc_values)
+    for i, cc in enumerate(cc_values):
+        if not config.set_compute_capability(cc, i):
+            raise UserError(f"TensorRT-RTX refused the build target {cc.name} (see its log above); name the RTX GPUs "
+                            "to build for, e.g. --target sm89,sm120")
+
+
 class _Builder:
     def __init__(
         self, flavour: Flavour, bundle: Bundle, out: Path, opts: BuildOptions, targets: dict, cc_values: list,
@@ -88,9 +98,7 @@ class _Builder:
             config.builder_optimization_level = self.opts.opt_level
         flags = {"strongly_typed": True, "opt_level": self.opts.opt_level}
         if self.flavour.is_rtx:
-            config.num_compute_capabilities = len(self.cc_values)
-            for i, cc in enumerate(self.cc_values):
-                config.set_compute_capability(cc, i)
+            set_compute_capabilities(config, self.cc_values)
             # TensorRT-RTX allows CUDA stream capture only of engines built for user-managed memory (RTX 1.2
             # release notes); the runtime records the denoising loop in a CUDA graph, so every engine needs it,
             # except a weight-streamed transformer: RTX 1.7 refuses the two flags together (streaming allocates at

@@ -706,3 +706,16 @@ def test_a_failed_switch_leaves_the_runtime_on_the_base_weights(fp32_bundle):
     with pytest.raises(RuntimeError, match="refused the refit"):
         rt.set_loras([(lora, 0.5)])
     assert rt.loras == [] and switching["transformer"].calls[-1] == []  # back to the base, not the old stack
+
+
+def test_a_build_target_the_library_refuses_is_one_line():
+    """IBuilderConfig.set_compute_capability returns False for a target it refuses (kNONE here, with the real
+    TensorRT-RTX); the build stops naming it instead of building for fewer GPUs than asked."""
+    trt = pytest.importorskip("tensorrt_rtx")
+    from zimage_trt.engine.build import set_compute_capabilities
+
+    config = trt.Builder(trt.Logger(trt.Logger.ERROR)).create_builder_config()
+    set_compute_capabilities(config, [trt.ComputeCapability.SM89, trt.ComputeCapability.SM120])
+    assert config.num_compute_capabilities == 2
+    with pytest.raises(UserError, match="refused the build target NONE"):
+        set_compute_capabilities(config, [trt.ComputeCapability.SM89, trt.ComputeCapability.NONE])
