@@ -1,96 +1,45 @@
-"""The lean loop: prompt -> tokens -> text encoder -> transformer passes -> VAE -> image.
+"""The lean runtime: prompt -> tokens -> text encoder -> transformer passes -> VAE -> image.
 
 It owns every buffer, allocated once at the largest image size it serves; a generation at a smaller size works
-on views of the first elements of the same storage, so nothing is allocated per request. On a GPU with
-capturable sessions (TensorRT, eager PyTorch) the whole denoising loop, all passes and Euler updates, is
-recorded once per (image size, caption length, step count) in a CUDA graph and replayed, so the host does
-constant work per image. The graphs live in a bounded LRU cache and share one memory pool: memory is bounded by
-the largest single loop, however many graphs are cached. The only host sync is reading the finished image back.
+on views of the first elements of the same storage, so nothing is allocated per request. The only host sync is
+reading the finished image back. Verbs, in the order `generate` calls them:
 
-Verbs, in the order `generate` calls them: use_size, tokenize, encode_prompt, encode_guidance, init_latents,
-denoise, decode.
+    use_size         point the buffers at this size's views
+    tokenize         the chat-templated prompt -> token ids (tokenizer.py)
+    encode_prompt    the text encoder, straight into the transformer's caption buffer
+    encode_guidance  the negative prompt and guidance scalars, when guidance is on (guidance.py)
+    init_latents     the input step: the loop's starting latents (inputs.py)
+    denoise          every pass and Euler step, recorded in a CUDA graph where the sessions allow (loop.py)
+    decode           the VAE, and the 8-bit image read back
 
-Classifier-free guidance (guidance scale > 0) runs each guided step as two batch-1 passes of the same engine,
-conditional and unconditional (the negative prompt, "" by default), combined as diffusers' ZImagePipeline does:
-pred = pos + g (pos - neg), optionally renormalised (cfg_normalization) and switched off on the steps past
-cfg_truncation. The doubled loop is recorded in a CUDA graph like the single one; the scale and the
-normalisation limit are device scalars, so one recording serves every scale.
+Where the next pipelines plug in: img2img, inpainting and ControlNet each bring an input step of their own (the
+image, mask or control image encoded before the loop, inputs.py) and change what the loop reads per pass (loop.py);
+the verbs around them stay. The sessions (session.py) never see which pipeline runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
-from collections import OrderedDict
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from zimage_trt.common.errors import UserError
-from zimage_trt.common.files import write_atomic, writing
 
 from .bundle import Bundle
+from .guidance import Guidance, GuidedRun
+from .inputs import initial_noise
+from .loop import MAX_CUDA_GRAPHS, LoopRecorder, Plan, run_loop
 from .scheduler import Schedule, flow_match_schedule
 from .sizes import SizeRange
 from .tokenizer import PromptTokenizer
 
-log = logging.getLogger("zimage_trt")
+__all__ = ["Guidance", "GuidedRun", "VRAM_MODES", "ZImageRuntime"]  # Guidance: where callers have always found it
 
-MAX_CUDA_GRAPHS = 16  # e.g. every padded caption length (512 / 32) at one size, or 4 lengths at 4 sizes
 # all: every network stays on the GPU. sequential: the text encoder and the image networks (transformer, VAE) take
 # turns, so the peak is max(text encoder, transformer + VAE) plus the shared buffers, at the cost of moving weights
 # (torch: to host memory and back; TensorRT: the engine is freed and deserialized again from its mmap'd plan).
 VRAM_MODES = ("all", "sequential")
-
-
-@dataclass(frozen=True)
-class Guidance:
-    """Classifier-free guidance with diffusers' ZImagePipeline arguments (guidance_scale, negative_prompt,
-    cfg_normalization, cfg_truncation). scale <= 0 is no guidance: one pass per step, as in diffusers."""
-
-    scale: float = 0.0
-    negative_prompt: str = ""
-    normalization: float = 0.0  # > 0: |pred| is capped at normalization * |pos|
-    truncation: float = 1.0  # steps whose t_norm = (1000 - timestep) / 1000 exceeds it run unguided
-
-    def __post_init__(self):
-        for name in ("scale", "normalization", "truncation"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
-                raise UserError(f"guidance {name} must be a finite number, got {value!r}")
-
-    @property
-    def active(self) -> bool:
-        return self.scale > 0
-
-    def guided_steps(self, schedule: Schedule) -> tuple[bool, ...]:
-        """Which passes run guided (two transformer calls): all, less those past the truncation."""
-        if not self.active:
-            return (False,) * schedule.passes
-        if self.truncation > 1:  # diffusers only truncates for cfg_truncation <= 1
-            return (True,) * schedule.passes
-        return tuple(float(t) <= self.truncation for t in schedule.model_t)
-
-
-@dataclass(frozen=True)
-class GuidedRun:
-    """What a guided loop needs beyond the plan: the negative caption's padded length, the passes that are
-    guided, and whether the result is renormalised. The scale and limit are device scalars of the runtime."""
-
-    neg_lpad: int
-    guided: tuple[bool, ...]
-    normalize: bool
-
-
-@dataclass
-class Plan:
-    """A schedule and its rows on the device: each step reads its row, so a recorded loop replays it exactly."""
-
-    schedule: Schedule
-    t_rows: list  # [1]-shaped views: the transformer's timestep of each pass
-    neg_dt_rows: list  # 0-d views: -(sigma_next - sigma) of each pass
 
 
 class ZImageRuntime:
@@ -120,25 +69,38 @@ class ZImageRuntime:
         self._resident_group: str | None = None  # sequential: "text" or "image", whichever is on the GPU
         # A network that leaves the GPU comes back at new addresses, which a recorded loop cannot follow: in
         # sequential mode the loop runs eagerly (the weight moves cost far more than the graph saves).
-        self.use_cuda_graph = (
+        recordable = (
             cuda_graph and vram == "all" and self.device.type == "cuda" and getattr(self.transformer, "capturable", False)
         )
         self.sessions = sessions
         # One CUDA stream of the runtime's own for all its work: TensorRT adds device-wide synchronisations on
         # the legacy default stream. Sessions enqueue on the current stream, which each verb sets to this one.
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self.cuda_graph_failures = 0  # captures refused or failed; after the first the loop runs eagerly
         self.sizes = self._served_sizes()
-        self.max_cuda_graphs = max_cuda_graphs
-        self._graphs: OrderedDict[tuple, torch.cuda.CUDAGraph] = OrderedDict()
-        self._graph_pool = None  # one memory pool for every captured loop (they never run at the same time)
-        self.graphs_evicted = 0
+        self.recorder = LoopRecorder(self, recordable, max_cuda_graphs)
         self._plans: dict[int, Plan] = {}
         self.loras: list = []  # the (Lora, strength) stack in the transformer's weights now
         self._allocate()
         self.size: tuple[int, int] | None = None  # (width, height) the buffers' views are set for
         self.use_size(*self.sizes.opt)
         self._plans[self.default_steps] = self._make_plan(self.default_steps, sigmas)
+
+    # The recorder's state, as the server's metrics, bench and callers read it.
+    @property
+    def use_cuda_graph(self) -> bool:
+        return self.recorder.enabled
+
+    @use_cuda_graph.setter
+    def use_cuda_graph(self, on: bool) -> None:
+        self.recorder.enabled = on
+
+    @property
+    def cuda_graph_failures(self) -> int:
+        return self.recorder.failures
+
+    @property
+    def graphs_evicted(self) -> int:
+        return self.recorder.evicted
 
     # ---------------------------------------------------------------- sizes and buffers
     def _served_sizes(self) -> SizeRange:
@@ -285,8 +247,7 @@ class ZImageRuntime:
     def init_latents(self, seed: int) -> None:
         """The reference's initial noise at the current size: randn in float32, of the latent shape diffusers
         uses for that size, from a generator seeded on `generator_device`."""
-        gen = torch.Generator(self.generator_device).manual_seed(int(seed))
-        noise = torch.randn(self.latents.shape, generator=gen, device=self.generator_device)
+        noise = initial_noise(self.latents.shape, seed, self.generator_device)
         with self.on_stream():
             self.latents.copy_(noise)
 
@@ -299,127 +260,16 @@ class ZImageRuntime:
         caption, cap_len = self._caption(negative)
         return {"latents": self.latents, "timestep": self.timestep, "cap_feats": caption[:, :lpad], "cap_len": cap_len}
 
-    def _denoise_eager(self, lpad: int, plan: Plan, cfg: "GuidedRun | None" = None) -> None:
-        feeds, out = self.feeds(lpad), {"velocity": self.velocity}
-        guided = cfg.guided if cfg is not None else (False,) * plan.schedule.passes
-        for t_row, neg_dt, guide in zip(plan.t_rows, plan.neg_dt_rows, guided):
-            self.timestep.copy_(t_row)
-            self.transformer.run(feeds, out)
-            if guide:
-                self.transformer.run(self.feeds(cfg.neg_lpad, negative=True), {"velocity": self.neg_velocity})
-                self._combine_guidance(cfg.normalize)
-            # Euler: x + dt * (-v); sign flips are exact, so this equals the reference bit for bit.
-            self.velocity.mul_(neg_dt)
-            self.latents.add_(self.velocity)
-
-    def _combine_guidance(self, normalize: bool) -> None:
-        """velocity <- pos + g (pos - neg), with neg in neg_velocity, as diffusers computes it; with
-        normalisation, scaled down where |pred| exceeds limit * |pos| (branch-free, so it can be recorded:
-        the factor is exactly 1 where diffusers leaves pred alone)."""
-        pos, neg = self.velocity, self.neg_velocity
-        if normalize:
-            pos_norm = torch.linalg.vector_norm(pos)
-        neg.sub_(pos).neg_()  # pos - neg (negation is exact)
-        neg.mul_(self.cfg_scale)
-        pos.add_(neg)
-        if normalize:
-            new_norm = torch.linalg.vector_norm(pos)
-            max_norm = pos_norm * self.cfg_limit
-            pos.mul_(torch.where(new_norm > max_norm, max_norm / new_norm, torch.ones_like(new_norm)))
-
-    def _graph_for(self, lpad: int, plan: Plan, cfg: "GuidedRun | None" = None) -> "torch.cuda.CUDAGraph | None":
-        """The recorded loop for this size, caption length, plan and guidance layout; None if it cannot be
-        recorded (then the runtime warns once, counts it in `cuda_graph_failures`, and runs every loop eagerly
-        from then on)."""
-        key = (self.size, lpad, plan.schedule.passes, cfg)
-        graph = self._graphs.get(key)
-        if graph is not None:
-            self._graphs.move_to_end(key)
-            return graph
-        while len(self._graphs) >= self.max_cuda_graphs:
-            self._evict_oldest_graph()
-        feeds = self.feeds(lpad)
-        # An engine gives recorded shapes a context each (others share one); they go with the last graph using them.
-        shapes = [self._feed_shapes(self.size, n) for n in ([lpad, cfg.neg_lpad] if cfg is not None else [lpad])]
-        for s in shapes:
-            getattr(self.transformer, "record_shapes", lambda _: None)(s)
-        # One eager pass first: engines and kernels initialise lazily, and that must not land in the graph
-        # (TensorRT: run once after a shape change before capturing, NVIDIA/TensorRT#3011).
-        self.transformer.run(feeds, {"velocity": self.velocity})
-        if cfg is not None:
-            self.transformer.run(self.feeds(cfg.neg_lpad, negative=True), {"velocity": self.neg_velocity})
-        torch.cuda.synchronize(self.device)
-        capturable = getattr(self.transformer, "stream_capturable", None)
-        try:  # deciding may fail too (a library without the query, a driver error): that is a refusal as well
-            refused = capturable is not None and not capturable(feeds, self.stream)
-            why = "the engine says this stream cannot be captured (is_stream_capturable)"
-        except Exception as exc:  # noqa: BLE001 - nothing was captured; the loop runs eagerly
-            refused, why = True, f"could not ask whether the stream can be captured ({type(exc).__name__}: {exc})"
-        if refused:
-            self._stop_recording(why)
-            for s in shapes:
-                getattr(self.transformer, "release_shapes", lambda _: None)(s)
-            return None
-        if self._graph_pool is None:
-            self._graph_pool = torch.cuda.graph_pool_handle()
-        # Sharing the pool is safe: each loop frees all its temporaries before it ends and writes only the
-        # runtime's own buffers, and the loops run one at a time on one stream. "thread_local": work that other
-        # threads enqueue meanwhile (TensorRT-RTX compiles kernels in background threads) is not captured and
-        # does not break the capture.
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self._graph_pool, stream=self.stream, capture_error_mode="thread_local"):
-                self._denoise_eager(lpad, plan, cfg)
-        except Exception as exc:  # noqa: BLE001 - the capture has ended; nothing it recorded has run
-            graph.reset()
-            self._stop_recording(f"CUDA graph capture failed ({type(exc).__name__}: {exc})")
-            for s in shapes:
-                getattr(self.transformer, "release_shapes", lambda _: None)(s)
-            return None
-        self._graphs[key] = graph
-        return graph
-
-    def _stop_recording(self, why: str) -> None:
-        self.cuda_graph_failures += 1
-        if self.use_cuda_graph:
-            log.warning("%s; the denoising loop runs eagerly from now on (same results, more host work)", why)
-        self.use_cuda_graph = False
-        self._drop_graphs()
-
-    def _drop_graphs(self) -> None:
-        while self._graphs:
-            self._evict_oldest_graph()
-
-    def _evict_oldest_graph(self) -> None:
-        (size, lpad, _, cfg), graph = self._graphs.popitem(last=False)
-        graph.reset()  # frees the graph's executable now, not whenever Python collects it
-        self.graphs_evicted += 1
-        release = getattr(self.transformer, "release_shapes", None)
-        if release is None:
-            return
-        in_use = {(k[0], k[1]) for k in self._graphs} | {(k[0], k[3].neg_lpad) for k in self._graphs if k[3]}
-        for length in {lpad, cfg.neg_lpad} if cfg else {lpad}:
-            if (size, length) not in in_use:
-                release(self._feed_shapes(size, length))  # no cached graph uses that shape's context any more
-
-    def _feed_shapes(self, size: tuple[int, int], lpad: int) -> dict[str, tuple]:
-        return {
-            "latents": self.bundle.latent_shape_for(*size),
-            "timestep": (1,),
-            "cap_feats": (1, lpad, self.bundle.caption_dim),
-            "cap_len": (1,),
-        }
-
     def denoise(self, lpad: int, steps: int | None = None, cfg: "GuidedRun | None" = None) -> None:
         """All transformer passes and Euler steps over self.latents, in place (guided where `cfg` says)."""
         plan = self.plan(steps)
         self._make_resident("image")
         with self.on_stream():
-            graph = self._graph_for(lpad, plan, cfg) if self.use_cuda_graph else None
+            graph = self.recorder.graph_for(lpad, plan, cfg) if self.recorder.enabled else None
             if graph is not None:
                 graph.replay()
             else:
-                self._denoise_eager(lpad, plan, cfg)
+                run_loop(self, lpad, plan, cfg)
 
     def decode(self) -> np.ndarray:
         """VAE decode of self.latents -> HxWx3 uint8, rounded as diffusers' numpy_to_pil rounds."""
@@ -453,7 +303,7 @@ class ZImageRuntime:
             raise
         finally:
             if not getattr(self.transformer, "weights_in_place", False):
-                self._drop_graphs()  # a refit or a rebuilt session may move weights: the recorded loops must go
+                self.recorder.drop()  # a refit or a rebuilt session may move weights: the recorded loops must go
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.loras = list(stack)
@@ -472,12 +322,10 @@ class ZImageRuntime:
         self.denoise(lpad, steps, cfg)
         return self.decode()
 
-
     def close(self, sessions: bool = True) -> None:
         """Free the recorded graphs and the buffers, and (unless sessions=False, for sessions the caller still
         uses) close the sessions: engines, contexts and the shared device-memory block go with them."""
-        self._drop_graphs()
-        self._graph_pool = None
+        self.recorder.close()
         if sessions:
             for s in self.sessions.values():
                 close = getattr(s, "close", None)
@@ -489,18 +337,3 @@ class ZImageRuntime:
             setattr(self, name, None)
         self.size = None
 
-
-def save_png(pixels: np.ndarray, path) -> None:
-    """Write an HxWx3 uint8 array as PNG, atomically (a temp file renamed into place). A full disk or an
-    unwritable folder is one line, and no temp file is left; one left by a killed run is removed first."""
-    import io
-
-    from PIL import Image
-
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        raise UserError(f"cannot write {path}: folder {path.parent} does not exist")
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    with writing(path, "free space there or pass another --out"):
-        write_atomic(path, buf.getvalue())

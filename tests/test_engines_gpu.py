@@ -70,7 +70,7 @@ def assert_graph_replays_the_eager_loop(bundle, sessions, prompts) -> None:
         eager.generate(prompt, seed)
         assert torch.equal(graph.latents, eager.latents)
     lengths = {bundle.padded_caption_length(len(graph.tokenize(p))) for p in prompts}
-    assert graph.use_cuda_graph and len(graph._graphs) == len(lengths)
+    assert graph.use_cuda_graph and len(graph.recorder.graphs) == len(lengths)
 
 
 @pytest.mark.tensorrt
@@ -102,7 +102,7 @@ def test_the_guided_loop_in_a_cuda_graph_equals_the_eager_loop(tiny_model, fp32_
             graph.generate(PROMPT, 3, guidance=g)
             eager.generate(PROMPT, 3, guidance=g)
             assert torch.equal(graph.latents, eager.latents), g
-    assert graph.use_cuda_graph and len(graph._graphs) == 2  # two layouts, each recorded once for both scales
+    assert graph.use_cuda_graph and len(graph.recorder.graphs) == 2  # two layouts, each recorded once for both scales
 
 
 # ---------------------------------------------------------------- sizes and caption lengths in recorded graphs
@@ -136,7 +136,7 @@ def assert_replay_after_other_shapes_equals_eager(bundle, sessions) -> None:
             assert torch.equal(graph.latents, want[(size, prompt)]), (size, prompt)
     graph.generate(a, 7, size=sizes[0])  # the first size again, after the second size's graphs
     assert torch.equal(graph.latents, want[(sizes[0], a)])
-    assert set(graph._graphs) == {(s, lp, 9, None) for s in sizes for lp in (32, 64)}  # None: no guidance
+    assert set(graph.recorder.graphs) == {(s, lp, 9, None) for s in sizes for lp in (32, 64)}  # None: no guidance
 
 
 def test_torch_graph_replay_after_other_shapes_equals_eager(tiny_model, fp32_range_bundle):
@@ -164,8 +164,8 @@ def test_graph_cache_is_a_bounded_lru_whose_memory_does_not_grow(tiny_model, fp3
     sizes = [(64, 64), (96, 128), (128, 96), (144, 80), largest]
     for size in sizes:
         rt.generate(PROMPT, 0, size=size)
-    assert len(rt._graphs) == 2 and rt.graphs_evicted == len(sizes) - 1
-    assert [k[0] for k in rt._graphs] == [sizes[-2], sizes[-1]]  # the two most recent, oldest first
+    assert len(rt.recorder.graphs) == 2 and rt.graphs_evicted == len(sizes) - 1
+    assert [k[0] for k in rt.recorder.graphs] == [sizes[-2], sizes[-1]]  # the two most recent, oldest first
     torch.cuda.synchronize()
     # Every loop records into one shared pool, so six captures cost what the largest one costs.
     assert torch.cuda.memory_reserved(dev) <= after_one * 1.1 + 2**21
@@ -214,7 +214,7 @@ def test_a_failed_capture_falls_back_to_the_eager_loop_once(tiny_model, fp32_ran
         for seed in (1, 2):  # the first request meets the failure, the second runs eagerly without a new one
             image = rt.generate(PROMPT, seed)
             assert (image == eager.generate(PROMPT, seed)).all() and torch.equal(rt.latents, eager.latents)
-    assert rt.cuda_graph_failures == 1 and not rt.use_cuda_graph and not rt._graphs
+    assert rt.cuda_graph_failures == 1 and not rt.use_cuda_graph and not rt.recorder.graphs
     warnings = [r for r in caplog.records if "CUDA graph capture failed" in r.getMessage()]
     assert len(warnings) == 1
 
@@ -259,7 +259,7 @@ def test_a_lora_switch_keeps_recorded_loops_valid_and_the_base_comes_back(tiny_m
         graph.generate(PROMPT, 1)
         eager.generate(PROMPT, 1)
         assert torch.equal(graph.latents, eager.latents), stack
-    assert torch.equal(graph.latents, base) and len(graph._graphs) == 1  # one recording served all three
+    assert torch.equal(graph.latents, base) and len(graph.recorder.graphs) == 1  # one recording served all three
 
 
 def _rtx_runs_here() -> tuple[bool, str]:

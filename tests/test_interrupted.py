@@ -295,7 +295,7 @@ def test_the_runtime_cache_on_a_full_disk_is_one_warning_and_no_temp_file(small_
 def test_a_png_left_by_a_killed_generate_is_removed_by_the_next(tmp_path):
     import numpy as np
 
-    from zimage_trt.runtime.pipeline import save_png
+    from zimage_trt.runtime.images import save_png
 
     left = tmp_path / f".y.png.tmp-{dead_pid()}"
     left.write_bytes(b"\x89PNG half")

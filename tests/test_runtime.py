@@ -98,7 +98,7 @@ def test_close_frees_sessions_graphs_and_buffers(fp32_bundle):
     rt = ZImageRuntime(bundle, sessions, CPU)
     rt.generate(PROMPT, 0)
     rt.close(sessions=False)  # the caller keeps its sessions: they still run
-    assert rt.latents is None and rt._latents_store is None and not rt._graphs
+    assert rt.latents is None and rt._latents_store is None and not rt.recorder.graphs
     again = ZImageRuntime(bundle, sessions, CPU)
     assert again.generate(PROMPT, 0).shape == (SIZE, SIZE, 3)
     again.close()

@@ -426,7 +426,7 @@ def test_a_failure_to_decide_capturability_is_the_one_warning_and_the_eager_loop
     with caplog.at_level("WARNING", logger="zimage_trt"):
         for seed in (1, 2):
             assert np.array_equal(rt.generate(PROMPT, seed), plain.generate(PROMPT, seed))
-    assert rt.cuda_graph_failures == 1 and not rt.use_cuda_graph and not rt._graphs
+    assert rt.cuda_graph_failures == 1 and not rt.use_cuda_graph and not rt.recorder.graphs
     warnings = [r.getMessage() for r in caplog.records if "eagerly" in r.getMessage()]
     assert len(warnings) == 1 and "is_stream_capturable" in warnings[0]
     # the shape recorded for the refused capture gets its context released again
