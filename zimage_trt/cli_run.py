@@ -13,7 +13,8 @@ from .cli_args import (describe_loras, guidance_args, guidance_of, lora_args, lo
 
 def cmd_generate(args) -> None:
     from zimage_trt.runtime.bundle import Bundle
-    from zimage_trt.runtime.pipeline import ZImageRuntime, save_png
+    from zimage_trt.runtime.images import save_png
+    from zimage_trt.runtime.pipeline import ZImageRuntime
 
     bundle = Bundle.open(args.bundle)
     size = one_size(args.size, bundle)
@@ -27,7 +28,7 @@ def cmd_generate(args) -> None:
 
     print(describe(vram_plan(rt), args.vram))
     if loras:
-        seconds = rt.setlora_stack(loras)
+        seconds = rt.set_loras(loras)
         print(f"LoRA {describe_loras(loras)} applied in {seconds * 1e3:.0f} ms")
     start = time.perf_counter()
     pixels = rt.generate(args.prompt, args.seed, size=size, guidance=guidance)
@@ -49,11 +50,28 @@ def cmd_parity(args) -> None:
         bundle.sizes.check(*size, f"bundle {bundle.root}")
     backend = "tensorrt" if args.engines else args.backend
     args.backend = backend
+    if args.fp16_peaks and (backend != "onnxruntime" or args.against):
+        raise UserError("--fp16-peaks runs this bundle's transformer.onnx with onnxruntime against 65504: use "
+                        "--backend onnxruntime, without --against")
     if args.against or args.against_engines:
         return _parity_against(args, bundle, sizes)
     sessions, device = open_runtime_sessions(args, bundle)
-    report_parity(run_parity(args.model, bundle, sessions, backend, args.prompt, args.seed, device, sizes,
-                              guidance=guidance_of(args), loras=lora_stack(args, bundle)))
+    rows = run_parity(args.model, bundle, sessions, backend, args.prompt, args.seed, device, sizes,
+                      guidance=guidance_of(args), loras=lora_stack(args, bundle))
+    peaks, hot = "", []
+    if args.fp16_peaks:
+        from zimage_trt.parity import fp16_peaks
+
+        peaks, hot = fp16_peaks(bundle, sessions, args.prompt, args.seed, device, sizes, guidance_of(args))
+    try:
+        report_parity(rows)
+    finally:
+        if peaks:
+            print(f"\n{peaks}")
+    if hot:
+        raise UserError(f"FP16 overflow in {', '.join(hot)} (see the table): re-export with the FP16 rescale "
+                        "calibrated on prompts like yours (export --calibration-prompts FILE), or the transformer in "
+                        "bf16 (--dit-precision bf16)")
 
 
 def _parity_against(args, bundle, sizes) -> None:
@@ -93,6 +111,7 @@ def cmd_bench(args) -> None:
         args.model, args.bundle, backends, args.engines, device, args.prompt, args.seed, args.warmup, args.iters,
         diffusers=not args.no_diffusers, size=size_list(args.size, "--size")[0] if args.size else None,
         guidance=guidance_of(args), lora_args=args.lora or [], vram=args.vram, weight_budget=weight_budget(args),
+        compile=args.compile, fp8_bundle=args.fp8_bundle,
     )
     table = format_table(results)
     results["table"] = table
@@ -109,7 +128,8 @@ def cmd_demo(args) -> None:
     from zimage_trt.export.tiny import make_tiny
     from zimage_trt.parity import run_parity
     from zimage_trt.runtime.bundle import Bundle
-    from zimage_trt.runtime.pipeline import ZImageRuntime, save_png
+    from zimage_trt.runtime.images import save_png
+    from zimage_trt.runtime.pipeline import ZImageRuntime
     from zimage_trt.sessions import open_sessions, resolve_device
 
     from zimage_trt.runtime.sizes import SizeRange, format_size
@@ -175,6 +195,10 @@ def add_parsers(sub) -> None:
                    help="compare with another bundle of the same model instead, stage by stage: e.g. an fp8 bundle "
                    "against your fp16 one, on your own weights (needs neither --model nor diffusers)")
     p.add_argument("--against-engines", metavar="DIR", help="with --against and --engines: the other bundle's engines")
+    p.add_argument("--fp16-peaks", action="store_true",
+                   help="also run the transformer graph with every FP16 intermediate's largest |value| as an output "
+                   "(onnxruntime, whole loop at each size) and print the peak per block against 65504; on a GPU "
+                   "these are the real FP16 kernels (onnxruntime's CPU provider computes FP16 chains in FP32)")
     guidance_args(p)
     lora_args(p)
     p.set_defaults(func=cmd_parity)
@@ -198,6 +222,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-diffusers", action="store_true", help="skip diffusers' pipeline")
     p.add_argument("--size", metavar="WxH", help="image size to measure (default: the bundle's opt size)")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure diffusers with torch.compile of its transformer and the runtime's torch backend "
+                   "compiled (compile time reported apart)")
+    p.add_argument("--fp8-bundle", metavar="DIR",
+                   help="an fp8 bundle of the same model: also measure the torch backend with its FP8 transformer "
+                   "(compiled with --compile; needs FP8 tensor cores, emulated on a CPU)")
     guidance_args(p)
     lora_args(p)
     memory_args(p)

@@ -284,3 +284,36 @@ def run_against(bundle, sessions, other, other_sessions, backend, prompt, seed, 
     worst = min((p for pair in pairs.values() for p in pair), key=IMAGE_BOUND_DB.get)
     steps = bundle.scheduler["default_steps"]
     return rows + _image_rows(ours, theirs, backend, f"{worst} (worst)", IMAGE_BOUND_DB[worst], steps, "", label)
+
+
+def fp16_peaks(bundle, sessions, prompt, seed, device="cpu", sizes=None, guidance=None) -> tuple[str, list[str]]:
+    """`parity --fp16-peaks`: the bundle's transformer.onnx with every FP16 intermediate's largest |value| as an
+    output, run by onnxruntime on `device` through the whole loop at each size (the text encoder and VAE of
+    `sessions`; the base weights; with `guidance`, its passes too), reported per block against 65504. Returns the
+    tables and the blocks that overflowed."""
+    from zimage_trt.runtime.ort_peaks import CPU_NOTE, PeakSession, format_peaks, overflowed
+    from zimage_trt.runtime.pipeline import ZImageRuntime
+    from zimage_trt.runtime.sizes import format_size
+
+    device = torch.device(device)
+    sizes = list(sizes or [bundle.sizes.opt])
+    peak = PeakSession(bundle.onnx_path("transformer"), sessions["transformer"].precision, device,
+                       stream=getattr(sessions["transformer"], "stream", None))
+    rt = ZImageRuntime(bundle, {**sessions, "transformer": peak}, device)
+    tables, hot = [], []
+    where = "onnxruntime CUDA" if device.type == "cuda" else "onnxruntime CPU"
+    try:
+        for size in sizes:
+            peak.reset()
+            rt.generate(prompt, seed, size=size, guidance=guidance)
+            rows = peak.by_block()
+            title = (f"FP16 peaks, transformer ({peak.precision}, {where}) at {format_size(*size)}, "
+                     f"{peak.runs} passes: largest |activation| per block against FP16's 65504")
+            tables.append(format_peaks(rows, title))
+            hot += [f"{block} at {format_size(*size)}" for block, v, _ in rows if overflowed(v)]
+    finally:
+        rt.close(sessions=False)  # the caller's text encoder and VAE stay open
+        peak.close()
+    if device.type != "cuda":
+        tables.append(f"note: {CPU_NOTE}")
+    return "\n\n".join(tables), hot
