@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Full-size Z-Image-Turbo on one GPU machine, every stage of the project at scale, in one run.
 
-    gpu-tests        the CUDA-graph loop equals the eager loop (tests/test_engines_gpu.py, tiny model)
+    gpu-tests        the CUDA-graph loop equals the eager loop (tests/test_engines_gpu.py, tiny model); FP8 scaled_mm,
+                     graph replays and the compiled loop against their references (tests/test_torch_fast.py)
     make             the real architecture with random weights, in the real checkpoint's layout
                      (zimage-trt make-tiny --size full)
     export-cpu       zimage-trt export --device cpu --fp16-scales FILE (no calibration, no GPU), in the background
@@ -22,6 +23,12 @@
     bench            zimage-trt bench: diffusers' eager pipeline beside the runtime
     build            zimage-trt build with TensorRT-RTX for an RTX target (sm89) over the bundle's whole range
     build-one        the same for the opt size alone (--sizes), from the same ONNX: what the range costs
+    fast-bench       the fastest torch paths side by side (issue 30): zimage-trt bench --compile --fp8-bundle at
+                     each of --fast-sizes (default 1024x1024,2048x2048; the bundles must cover them: --size-range),
+                     diffusers eager and compiled, the runtime's torch backend eager, compiled and FP8; then the
+                     FP8 transformer's error against bf16 and float32 (scripts/pass_bench.py --fp8-error); raw logs
+                     and JSON in WORK/results/fast-bench/, one table printed and kept there (table.txt). It keeps
+                     the fp8 bundle until it has run.
     pass-bench       one eager transformer pass per image size, with its roofline floor (scripts/pass_bench.py)
 
 Each stage runs as its own process; its wall time, peak host memory (the child's max RSS) and peak GPU memory
@@ -31,6 +38,7 @@ recorded in WORK/results/stages.json as soon as it ends, so a run cut short keep
 folder is deleted before the build to leave disk for the engines.
 
     python scripts/full_size_run.py --work /root/work --size-range 512:2048 --skip bench
+    python scripts/full_size_run.py --work /root/work --size-range 1024:2048 --only make,export,export-fp8,fast-bench
 """
 
 from __future__ import annotations
@@ -44,6 +52,10 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+
+STAGE_NAMES = {"gpu-tests", "make", "export-cpu", "export", "export-fp8", "build-fp8", "export-nvfp4", "build-nvfp4",
+               "ort-check", "vram-all", "vram-sequential", "bench", "fast-bench", "build", "build-one", "pass-bench"}
 
 
 class GpuPeak:
@@ -122,13 +134,73 @@ def scales_file(path: Path, size: str) -> Path:
     return path
 
 
+def fast_bench_stages(args, zt, model: Path, bundle: Path, fp8_bundle: Path, out: Path) -> list:
+    """(name, argv, log) of the fast-bench's steps: one bench per size, then the FP8 error."""
+    sizes = args.fast_sizes or ("128x128,256x256" if args.size == "tiny" else "1024x1024,2048x2048")
+    cpu = not args.device.startswith("cuda")
+    iters, warmup = ("2", "1") if cpu else (args.iters, "2")
+    steps = []
+    for size in sizes.split(","):
+        steps.append((f"fast-bench {size}", zt + [
+            "bench", "--model", str(model), "--bundle", str(bundle), "--fp8-bundle", str(fp8_bundle), "--compile",
+            "--backends", "torch", "--device", args.device, "--size", size, "--iters", iters, "--warmup", warmup,
+            "--json", str(out / f"bench-{size}.json")], out / f"bench-{size}.log"))
+    steps.append(("fast-bench fp8-error", [
+        sys.executable, str(Path(__file__).resolve().parent / "pass_bench.py"), "--fp8-error", "--model", str(model),
+        "--fp8-bundle", str(fp8_bundle), "--sizes", sizes, "--device", args.device,
+        "--json", str(out / "fp8_error.json")], out / "fp8_error.log"))
+    return steps
+
+
+def fast_table(out: Path) -> str:
+    """One table of the fast-bench's results: per size and system the stages (median ms), end to end's p90, peak
+    GPU memory, the multiple of the image's roofline floor and the compile time; then the FP8 error."""
+    head = ["size", "system", "text enc", "pass", "passes", "VAE", "e2e", "e2e p90", "peak GB", "x floor", "compile s"]
+    rows, notes = [head], []
+    for path in sorted(out.glob("bench-*.json")):
+        r = json.loads(path.read_text())
+        size = f"{r['width']}x{r['height']}"
+        for system, s in r["systems"].items():
+            st = s["stages"]
+            floor = s.get("floor_ms", r["floor_ms"])
+            ms = [st.get(k, {}).get("median_ms") for k in ("text encoder", "transformer x1", "all passes",
+                                                             "VAE decode", "end to end")]
+            image_floor = floor["text encoder"] + s.get("passes", 9) * floor["transformer x1"] + floor["VAE decode"]
+            peak = st.get("end to end", {}).get("peak_gb")
+            rows.append([size, system] + [f"{v:.1f}" if v is not None else "-" for v in ms]
+                        + [f"{st['end to end']['p90_ms']:.1f}", f"{peak:.1f}" if peak else "-",
+                           f"{ms[4] / image_floor:.2f}", f"{s.get('compile_s', 0):.0f}"])
+        notes += [line for line in r.get("table", "").splitlines() if line.startswith("published")][:1]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    error = out / "fp8_error.json"
+    if error.exists():
+        e = json.loads(error.read_text())
+        lines.append("")
+        twin = e["twin_rel_vs_fp32"]
+        lines.append(f"FP8 transformer, one pass, max|err|/max|ref| (fake-quantized twin: {twin:.1e} vs float32)")
+        lines += [f"  {row['size']}: vs bf16 {row['rel_vs_bf16']:.2e}, vs float32 {row['rel_vs_fp32']:.2e} "
+                  f"(bf16 alone vs float32 {row['bf16_vs_fp32']:.2e})" for row in e["rows"]]
+    return "\n".join(lines + notes) + "\n"
+
+
+def run_fast_bench(args, zt, model, bundle, fp8_bundle, results, env, work, records, save) -> None:
+    out = results / "fast-bench"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, argv, log_path in fast_bench_stages(args, zt, model, bundle, fp8_bundle, out):
+        with open(log_path, "w") as log:
+            records.append(run_stage(name, argv, log, env, work))
+        save()
+    table = fast_table(out)
+    (out / "table.txt").write_text(table)
+    print(table, flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", required=True, help="folder for the model, bundle, engines and results")
-    ap.add_argument("--skip", default="",
-                    help="comma-separated stages to skip (gpu-tests,make,export-cpu,export,export-fp8,build-fp8,"
-                         "export-nvfp4,build-nvfp4,ort-check,vram-all,vram-sequential,bench,build,build-one,"
-                         "pass-bench)")
+    ap.add_argument("--skip", default="", help=f"comma-separated stages to skip ({','.join(sorted(STAGE_NAMES))})")
     ap.add_argument("--size-range", help="export every size in MIN:MAX (default: one size, 1024x1024)")
     ap.add_argument("--opt-size", default="1024x1024", help="the opt size of --size-range (default 1024x1024)")
     ap.add_argument("--build-networks", default="text_encoder,transformer,vae_decoder",
@@ -141,6 +213,8 @@ def main() -> int:
     ap.add_argument("--quant-side-by-side", action="store_true",
                     help="run the nvfp4 export and build in their own thread beside the fp8 pair, not after it "
                          "(faster; the two exports' host peaks may then add up)")
+    ap.add_argument("--only", default="", help="comma-separated stages to run, every other one skipped")
+    ap.add_argument("--fast-sizes", help="fast-bench: image sizes (default 1024x1024,2048x2048; tiny: 128x128,256x256)")
     ap.add_argument("--iters", default="5", help="timed generations per system in the bench (default 5)")
     ap.add_argument("--size", default="full", choices=("full", "tiny"), help="tiny: a quick dry run of the stages")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu for a dry run")
@@ -153,6 +227,8 @@ def main() -> int:
     results.mkdir(parents=True, exist_ok=True)
     model, bundle, engines = work / "model", work / "bundle", work / "engines"
     skip = set(filter(None, args.skip.split(",")))
+    if args.only:
+        skip |= STAGE_NAMES - set(args.only.split(","))
     zt = [sys.executable, "-m", "zimage_trt.cli"]
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
     repo = Path(__file__).resolve().parents[1]
@@ -173,7 +249,8 @@ def main() -> int:
               "--backend", "torch", "--model", str(model), "--torch-dtype", "fp16", "--device", args.device,
               "--prompt", "A red fox in fresh snow at sunrise", "--seed", "1"]
     stages = [
-        ("gpu-tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(work / "tests" / "test_engines_gpu.py")]),
+        ("gpu-tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-n", "0",
+                       str(work / "tests" / "test_engines_gpu.py"), str(work / "tests" / "test_torch_fast.py")]),
         ("make", zt + ["make-tiny", str(model), "--size", args.size, "--device", args.device]
                  + (["--tokenizer", args.tokenizer] if args.size == "full" and Path(args.tokenizer).is_dir() else [])),
         ("export-cpu", zt + ["export", "--model", str(model), "--out", str(cpu_bundle), "--device", "cpu", "--force",
@@ -196,6 +273,7 @@ def main() -> int:
         ("vram-sequential", capped + ["--vram", "sequential", "--out", str(results / "vram-sequential.png")]),
         ("bench", zt + ["bench", "--model", str(model), "--bundle", str(bundle), "--device", args.device,
                         "--iters", args.iters, "--json", str(results / "bench.json")]),
+        ("fast-bench", []),  # several steps: run_fast_bench
         ("build", build + ["--out", str(engines)]),
         ("build-one", build + ["--out", str(work / "engines-one"), "--sizes", args.opt_size]),
         # last: needs no model, and the GPU is otherwise idle by then
@@ -224,6 +302,8 @@ def main() -> int:
                     failed.add(kind)
             if k + 1 < len(chain) and chain[k + 1][2] == out:
                 continue  # this bundle's build comes next
+            if out == fp8_bundle and "fast-bench" not in skip:
+                continue  # fast-bench reads it, then deletes it
             if (out / "manifest.json").exists():
                 shutil.copy(out / "manifest.json", results / keep)
             shutil.rmtree(out, ignore_errors=True)
@@ -261,6 +341,14 @@ def main() -> int:
                 background.append(thread)
                 continue
             if name in skip:
+                continue
+            if name == "fast-bench":
+                for thread in background:  # the fp8 bundle comes from a background chain
+                    thread.join()
+                run_fast_bench(args, zt, model, bundle, fp8_bundle, results, env, work, records, save)
+                if (fp8_bundle / "manifest.json").exists():
+                    shutil.copy(fp8_bundle / "manifest.json", results / "manifest-fp8.json")
+                shutil.rmtree(fp8_bundle, ignore_errors=True)
                 continue
             if name == "make" and model.exists():
                 shutil.rmtree(model)

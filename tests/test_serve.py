@@ -367,4 +367,5 @@ def test_serve_on_a_gpu_this_machine_lacks_is_one_line(fp32_bundle):
     out = subprocess.run([sys.executable, "-m", "zimage_trt.cli", "serve", "--bundle", str(fp32_bundle),
                           "--device", "cuda:1"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.strip().splitlines()[-1] == "error: --device cuda:1: PyTorch sees no CUDA GPU here; use --device cpu"
+    last = out.stderr.strip().splitlines()[-1]
+    assert last == "error: --device cuda:1: PyTorch sees no CUDA GPU here; use --device cpu"

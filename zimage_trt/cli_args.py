@@ -48,6 +48,10 @@ def runtime_args(p, memory: bool = True):
     p.add_argument("--engines", help="engine folder made by `zimage-trt build` (for --backend tensorrt)")
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if present)")
     p.add_argument("--torch-dtype", default="fp32", choices=PRECISIONS, help="precision of --backend torch")
+    p.add_argument("--compile", action="store_true",
+                   help="--backend torch: torch.compile each network (once per image size and caption length, "
+                   "timed and printed; kept in ~/.cache/zimage-trt/torch-compile or $ZIMAGE_TRT_COMPILE_CACHE for "
+                   "the next process)")
 
 
 # ------------------------------------------------------------------------------------------ readers
@@ -91,6 +95,7 @@ def open_runtime_sessions(args, bundle):
         torch_dtype=args.torch_dtype,
         weight_budget=weight_budget(args),
         vram=getattr(args, "vram", "all"),
+        compile=getattr(args, "compile", False),
     )
     return sessions, device
 

@@ -7,16 +7,22 @@
 Each replica builds the FastAPI app of server.py on its own process (and GPU, where there are GPUs), so
 validation, the bounded queue, 429/503 and the metrics behave per replica exactly as in `zimage-trt serve`.
 Ray's router spreads requests over replicas; past `max_queued_requests` it answers 503 itself.
+
+Keys (--api-key, ZIMAGE_TRT_API_KEYS), the body limit and its read timeout, and the prompt limits are checked by
+each replica's app, as in `zimage-trt serve`. The connection itself (header timeout, keep-alive, connection cap)
+is Ray's HTTP proxy's, with Ray's settings.
 """
 
 from __future__ import annotations
 
 from zimage_trt.common.errors import UserError, require
 
+from .serve_auth import check_exposure, read_keys
 from .server import ServeOptions, create_app
 
 
-def deployment(opts: ServeOptions, replicas: int = 1, autoscale: tuple[int, int] | None = None, gpus: float | None = None):
+def deployment(opts: ServeOptions, replicas: int = 1, autoscale: tuple[int, int] | None = None,
+               gpus: float | None = None):
     """A bound Ray Serve application of the image API."""
     require("ray", "pip install 'ray[serve]'")
     import torch
@@ -49,6 +55,7 @@ def deployment(opts: ServeOptions, replicas: int = 1, autoscale: tuple[int, int]
 
 
 def run(opts: ServeOptions, host: str, port: int, replicas: int, autoscale=None, blocking: bool = True):
+    check_exposure(host, opts.api_keys, opts.no_auth)
     require("ray", "pip install 'ray[serve]'")
     import ray
     from ray import serve
@@ -72,7 +79,9 @@ def parse_autoscale(text: str | None) -> tuple[int, int] | None:
 
 
 def build_app(args: dict):
-    """`serve run zimage_trt.ray_serve:build_app bundle=DIR [engines=DIR backend=tensorrt replicas=N autoscale=1:4]`."""
+    """`serve run zimage_trt.ray_serve:build_app bundle=DIR [engines=DIR backend=tensorrt replicas=N autoscale=1:4]`.
+    Keys come from ZIMAGE_TRT_API_KEYS (never from the command line, which `ps` shows); metrics_public=1 opens
+    /metrics."""
     opts = ServeOptions(
         bundle=args["bundle"],
         backend=args.get("backend", "onnxruntime"),
@@ -81,5 +90,7 @@ def build_app(args: dict):
         device=args.get("device", "auto"),
         queue_size=int(args.get("queue_size", 8)),
         timeout_s=float(args.get("timeout", 120)),
+        api_keys=read_keys(None),
+        metrics_public=str(args.get("metrics_public", "")).lower() in ("1", "true", "yes"),
     )
     return deployment(opts, int(args.get("replicas", 1)), parse_autoscale(args.get("autoscale")))
