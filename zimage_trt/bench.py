@@ -65,10 +65,13 @@ def available_backends(requested: list[str], device: torch.device, engines) -> t
             elif device.type == "cuda":
                 import onnxruntime as ort
 
-                if "CUDAExecutionProvider" in ort.get_available_providers():
+                from zimage_trt.runtime.ort_cuda import gpu_build_missing
+
+                missing = gpu_build_missing(ort)  # the one line that says how to install the GPU build
+                if missing is None:
                     run.append(b)
                 else:
-                    skipped[b] = "this onnxruntime has no CUDA provider (CPU-only build)"
+                    skipped[b] = missing
             else:
                 run.append(b)
         elif b == "tensorrt":

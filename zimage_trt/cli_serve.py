@@ -10,7 +10,7 @@ from . import serve_options as defaults
 from .cli_args import runtime_args, weight_budget
 
 
-def _namedlora_stack(items) -> dict:
+def _named_loras(items) -> dict:
     """serve --lora NAME=L.safetensors, repeatable -> {name: path}."""
     out = {}
     for item in items or []:
@@ -59,7 +59,7 @@ def cmd_serve(args) -> None:
     opts = ServeOptions(
         bundle=args.bundle, backend=args.backend, engines=args.engines, model=args.model, device=args.device,
         torch_dtype=args.torch_dtype, queue_size=args.queue_size, timeout_s=args.timeout, max_n=args.max_n,
-        loras=_namedlora_stack(args.lora), vram=args.vram, weight_budget=weight_budget(args),
+        loras=_named_loras(args.lora), vram=args.vram, weight_budget=weight_budget(args),
         api_keys=keys, no_auth=args.no_auth, metrics_public=args.metrics_public, **_limits(args),
     )
     if args.ray:
