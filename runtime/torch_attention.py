@@ -47,12 +47,14 @@ class Attention:
         self.device = device
         self.order: list | None = None  # None: PyTorch's own
         self.ran = "none"  # what the recorded calls run, e.g. "cuDNN" or "flash+efficient"
+        self.timed: dict[str, float] = {}  # ms of every recorded call on each fused kernel that takes them all
 
     def choose(self, calls: dict[tuple, int]) -> None:
         if self.device.type == "cuda" and calls:
             times = {b: _total_ms(b, calls, self.device) for b in FUSED}
             fused = sorted((b for b in FUSED if times[b] < float("inf")), key=times.get)
             self.order = fused + [SDPBackend.MATH]
+            self.timed = {NAMES[b]: times[b] for b in fused}
         with self.context():
             self.ran = "+".join(sorted({_chosen(key, self.device) for key in calls})) or "none"
 

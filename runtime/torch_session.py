@@ -16,6 +16,8 @@ bucket serves every length in it: attention is causal, so the rows of the real t
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from .session import check_io
@@ -107,20 +109,10 @@ class TorchSession:
     def run(self, inputs, outputs) -> None:
         check_io(self.name, inputs, self.input_names)
         args = [inputs[n] for n in self.input_names]
-        n_tokens = args[0].shape[1] if self.bucketed else None
+        n_tokens = args[0].shape[1]
         if self.bucketed:
             args[0] = torch.nn.functional.pad(args[0], (0, -n_tokens % BUCKET))  # token 0 after the prompt
-        if self._first_run_done:
-            result = self._run(args)
-        elif self.device.type == "cuda" or self.compiled:
-            self._first_run(args)
-            result = self._run(args)
-        else:  # eager on a CPU: PyTorch's kernel order stands, so the real run is the one recorded
-            calls = AttentionCalls()
-            with calls:
-                result = self._run(args)
-            self.attention.choose(calls.calls)
-            self._first_run_done = True
+        result = self._run(args) if self._first_run_done else self._first_run(args)
         outputs[self.output_names[0]].copy_(result[:, :n_tokens] if self.bucketed else result)
 
     def _run(self, args) -> torch.Tensor:
@@ -134,17 +126,24 @@ class TorchSession:
                 return self.module(*args)
             return self.compile_log.call(tuple(tuple(a.shape) for a in args), self.module, *args)
 
-    def _first_run(self, args) -> None:
-        """One eager run, its output dropped, that records the attention calls: outside any capture, and before
-        compiling (the kernel order must be set when the compiled code is traced); then the regions are compiled.
-        The real run follows, with the chosen kernels, so the first image equals the later ones."""
+    def _first_run(self, args) -> torch.Tensor:
+        """The first run records the network's attention calls and chooses their kernels (torch_attention.py),
+        then compiles. On a GPU, or to compile, that recording run is an eager run of its own whose output is
+        dropped: it must happen outside any capture and before tracing (compiled code keeps the kernel order it
+        was traced with), and the real run then uses the chosen kernels, so the first image equals the later
+        ones. Eager on a CPU, PyTorch's order stands and the recorded run is the real one."""
         calls = AttentionCalls()
+        separate = self.device.type == "cuda" or self.compiled
         with calls:
-            self.module(*args)
+            result = self.module(*args) if separate else self._run(args)
         self.attention.choose(calls.calls)
+        if self.attention.timed:
+            timed = ", ".join(f"{k} {v:.2f} ms" for k, v in self.attention.timed.items())
+            print(f"{self.name}: attention {self.attention.ran} (timed: {timed})", file=sys.stderr, flush=True)
         if self.compiled:
             compile_regions(self.module)
         self._first_run_done = True
+        return self._run(args) if separate else result
 
     def describe(self) -> str:
         """What runs, in a few words: attention kernel, compiled or not, recorded or not."""

@@ -145,6 +145,12 @@ def fast_bench_stages(args, zt, model: Path, bundle: Path, fp8_bundle: Path, out
             "bench", "--model", str(model), "--bundle", str(bundle), "--fp8-bundle", str(fp8_bundle), "--compile",
             "--backends", "torch", "--device", args.device, "--size", size, "--iters", iters, "--warmup", warmup,
             "--json", str(out / f"bench-{size}.json")], out / f"bench-{size}.log"))
+    first = sizes.split(",")[0]  # the FP8 path's peak with the text encoder taking turns (--vram sequential)
+    steps.append((f"fast-bench {first} sequential", zt + [
+        "bench", "--model", str(model), "--bundle", str(bundle), "--fp8-bundle", str(fp8_bundle), "--compile",
+        "--backends", "torch", "--no-diffusers", "--vram", "sequential", "--device", args.device, "--size", first,
+        "--iters", "1", "--warmup", "1", "--json", str(out / f"bench-{first}-sequential.json")],
+        out / f"bench-{first}-sequential.log"))
     steps.append(("fast-bench fp8-error", [
         sys.executable, str(Path(__file__).resolve().parent / "pass_bench.py"), "--fp8-error", "--model", str(model),
         "--fp8-bundle", str(fp8_bundle), "--sizes", sizes, "--device", args.device,
@@ -152,37 +158,46 @@ def fast_bench_stages(args, zt, model: Path, bundle: Path, fp8_bundle: Path, out
     return steps
 
 
+FAST_HEAD = ["size", "system", "text enc", "pass", "passes", "VAE", "e2e", "e2e p90", "peak GB", "x floor",
+             "compile s"]
+
+
+def _fast_row(size: str, system: str, s: dict, floor: dict) -> list[str]:
+    """One system's line: stage medians (ms), end to end's p90, its peak GPU memory, end to end as a multiple of
+    the image's floor (text encoder + its passes + VAE), and its compile time."""
+    st = s["stages"]
+    ms = [st.get(k, {}).get("median_ms") for k in ("text encoder", "transformer x1", "all passes", "VAE decode",
+                                                     "end to end")]
+    image_floor = floor["text encoder"] + s.get("passes", 9) * floor["transformer x1"] + floor["VAE decode"]
+    peak = st.get("end to end", {}).get("peak_gb")
+    where = size + (" seq" if s.get("vram") == "sequential" else "")
+    return ([where, system] + [f"{v:.1f}" if v is not None else "-" for v in ms]
+            + [f"{st['end to end']['p90_ms']:.1f}", f"{peak:.1f}" if peak else "-", f"{ms[4] / image_floor:.2f}",
+               f"{s.get('compile_s', 0):.0f}"])
+
+
+def _fp8_error_lines(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    e = json.loads(path.read_text())
+    lines = ["", f"FP8 transformer, one pass, max|err|/max|ref| (fake-quantized twin: {e['twin_rel_vs_fp32']:.1e} "
+                 "vs float32)"]
+    return lines + [f"  {row['size']}: vs bf16 {row['rel_vs_bf16']:.2e}, vs float32 {row['rel_vs_fp32']:.2e} "
+                    f"(bf16 alone vs float32 {row['bf16_vs_fp32']:.2e})" for row in e["rows"]]
+
+
 def fast_table(out: Path) -> str:
-    """One table of the fast-bench's results: per size and system the stages (median ms), end to end's p90, peak
-    GPU memory, the multiple of the image's roofline floor and the compile time; then the FP8 error."""
-    head = ["size", "system", "text enc", "pass", "passes", "VAE", "e2e", "e2e p90", "peak GB", "x floor", "compile s"]
-    rows, notes = [head], []
+    """One table of the fast-bench's results (a line per size and system), the FP8 error, SGLang's figures."""
+    rows, notes = [FAST_HEAD], []
     for path in sorted(out.glob("bench-*.json")):
         r = json.loads(path.read_text())
-        size = f"{r['width']}x{r['height']}"
         for system, s in r["systems"].items():
-            st = s["stages"]
-            floor = s.get("floor_ms", r["floor_ms"])
-            ms = [st.get(k, {}).get("median_ms") for k in ("text encoder", "transformer x1", "all passes",
-                                                             "VAE decode", "end to end")]
-            image_floor = floor["text encoder"] + s.get("passes", 9) * floor["transformer x1"] + floor["VAE decode"]
-            peak = st.get("end to end", {}).get("peak_gb")
-            rows.append([size, system] + [f"{v:.1f}" if v is not None else "-" for v in ms]
-                        + [f"{st['end to end']['p90_ms']:.1f}", f"{peak:.1f}" if peak else "-",
-                           f"{ms[4] / image_floor:.2f}", f"{s.get('compile_s', 0):.0f}"])
+            rows.append(_fast_row(f"{r['width']}x{r['height']}", system, s, s.get("floor_ms", r["floor_ms"])))
         notes += [line for line in r.get("table", "").splitlines() if line.startswith("published")][:1]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(FAST_HEAD))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    error = out / "fp8_error.json"
-    if error.exists():
-        e = json.loads(error.read_text())
-        lines.append("")
-        twin = e["twin_rel_vs_fp32"]
-        lines.append(f"FP8 transformer, one pass, max|err|/max|ref| (fake-quantized twin: {twin:.1e} vs float32)")
-        lines += [f"  {row['size']}: vs bf16 {row['rel_vs_bf16']:.2e}, vs float32 {row['rel_vs_fp32']:.2e} "
-                  f"(bf16 alone vs float32 {row['bf16_vs_fp32']:.2e})" for row in e["rows"]]
-    return "\n".join(lines + notes) + "\n"
+    return "\n".join(lines + _fp8_error_lines(out / "fp8_error.json") + sorted(set(notes))) + "\n"
 
 
 def run_fast_bench(args, zt, model, bundle, fp8_bundle, results, env, work, records, save) -> None:

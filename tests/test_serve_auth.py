@@ -101,3 +101,34 @@ def test_max_body_sizes():
 
     assert byte_count("1MiB") == 2**20 and byte_count("512KiB") == 2**19 and byte_count("2MB") == 2_000_000
     assert byte_count("1048576") == 2**20
+
+
+def _status(app, path: str, headers: list) -> int:
+    """One GET through the ASGI app, without starting it (no runtime: /metrics needs none)."""
+    import asyncio
+
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "path": path,
+             "raw_path": path.encode(), "query_string": b"", "headers": headers, "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 80), "scheme": "http", "root_path": ""}
+    asyncio.run(app(scope, receive, send))
+    return sent[0]["status"]
+
+
+def test_metrics_need_a_key_unless_public():
+    pytest.importorskip("fastapi")
+    from zimage_trt.server import create_app
+
+    bearer = [(b"authorization", f"Bearer {KEY_A}".encode())]
+    closed = create_app(ServeOptions(bundle="zi", api_keys=(KEY_A,)))
+    assert _status(closed, "/metrics", []) == 401 and _status(closed, "/metrics", bearer) == 200
+    public = create_app(ServeOptions(bundle="zi", api_keys=(KEY_A,), metrics_public=True))
+    assert _status(public, "/metrics", []) == 200 and _status(public, "/v1/models", []) == 401
+    assert _status(create_app(ServeOptions(bundle="zi")), "/metrics", []) == 200  # no keys: loopback, open
